@@ -1,0 +1,83 @@
+"""The marker classes every injected module derives from.
+
+``inject`` adds two kinds of modules to a host model:
+
+* an :class:`AdapterModule` holds only adapter parameters (a bottleneck adapter, a prompt head);
+* an :class:`AdapterWrapper` replaces a host submodule and keeps it as ``base_layer``; its own
+  parameters outside ``base_layer`` are adapter parameters. ``remove_adapters`` puts ``base_layer`` back.
+
+Both honour ``adapters_enabled``: when False (inside ``disable_adapters``) they must compute exactly
+what the host computed without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+__all__ = ["AdapterModule", "AdapterWrapper", "adapter_modules", "adapter_state_names"]
+
+
+class AdapterModule(nn.Module):
+    """A module whose parameters are all adapter parameters (trained, saved)."""
+
+    adapters_enabled: bool = True
+
+    def set_adapters_enabled(self, enabled: bool) -> None:
+        self.adapters_enabled = bool(enabled)
+
+
+class AdapterWrapper(AdapterModule):
+    """Wraps a host submodule (``base_layer``) and adds adapter computation around it."""
+
+    base_is_frozen_copy: bool = False  # True when base_layer is a frozen copy (modules_to_save)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+    def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters of this wrapper that are not inside ``base_layer``."""
+        for name, p in self.named_parameters():
+            if not name.startswith("base_layer."):
+                yield name, p
+
+    def unwrap(self) -> nn.Module:
+        """The module to put back in the tree when the adapters are removed."""
+        return self.base_layer
+
+
+def _visit(module: nn.Module, prefix: str, in_adapter: bool, frozen: bool, out: list[tuple[str, nn.Module, bool]]):
+    out.append((prefix, module, in_adapter and not frozen))
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(module, AdapterWrapper) and name == "base_layer":
+            _visit(child, path, False, frozen or module.base_is_frozen_copy, out)
+        else:
+            _visit(child, path, in_adapter or isinstance(child, AdapterModule), frozen, out)
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """Every module of ``model`` as ``(name, module, owns_adapter_params)``.
+
+    A module owns adapter parameters when it is an :class:`AdapterModule` or lies inside one, except
+    inside the ``base_layer`` of an :class:`AdapterWrapper` (the host's own module, frozen) — where a
+    nested adapter counts again, unless the wrapper keeps a frozen copy (``base_is_frozen_copy``).
+    """
+    out: list[tuple[str, nn.Module, bool]] = []
+    _visit(model, "", isinstance(model, AdapterModule), False, out)
+    return out
+
+
+def adapter_state_names(model: nn.Module) -> list[str]:
+    """Names (as in ``model.state_dict()``) of the adapter parameters and persistent buffers."""
+    names = []
+    for prefix, module, owns in adapter_modules(model):
+        if not owns:
+            continue
+        dot = f"{prefix}." if prefix else ""
+        names += [dot + n for n, _ in module.named_parameters(recurse=False)]
+        names += [dot + n for n, b in module.named_buffers(recurse=False)
+                  if b is not None and n not in module._non_persistent_buffers_set]
+    return names

@@ -1,0 +1,121 @@
+"""``inject``, ``remove_adapters`` and ``disable_adapters``: adding adapters to a host model in place."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .base import AdapterModule, AdapterWrapper, adapter_modules
+from .config import AdapterConfig, get_method
+from .modules_to_save import _set_submodule, wrap_modules_to_save
+
+__all__ = ["disable_adapters", "inject", "injected_configs", "remove_adapters", "set_submodule"]
+
+_RECORD = "_medadapt_record"
+set_submodule = _set_submodule
+
+
+@dataclass
+class _InjectionRecord:
+    configs: list[AdapterConfig] = field(default_factory=list)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def injected_configs(model: nn.Module) -> list[AdapterConfig]:
+    """The configs injected into ``model``, in order (empty for a plain model)."""
+    record = getattr(model, _RECORD, None)
+    return list(record.configs) if record is not None else []
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    for _, module, owns in adapter_modules(model):
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(owns)
+
+
+def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Add the adapters ``config`` describes to ``model`` in place and freeze everything else.
+
+    Only adapter parameters and ``modules_to_save`` keep ``requires_grad``. Zero-initialised adapters
+    leave the model's outputs unchanged until trained. Several methods can be stacked by calling
+    ``inject`` once per config.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: ``config`` is not an AdapterConfig, the method is already injected, or nothing
+            matched ``target_modules`` (the model is left unchanged).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, AdapterConfig):
+        raise ValueError(f"config must be an AdapterConfig (e.g. MedSAConfig), got {type(config).__name__}")
+    config.validate()
+    record: _InjectionRecord | None = getattr(model, _RECORD, None)
+    if record is not None and any(c.method == config.method for c in record.configs):
+        raise ValueError(f"model already has {config.method!r} adapters; call remove_adapters first")
+    _, apply = get_method(config.method)
+    if record is None:
+        record = _InjectionRecord(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    existing = {id(m) for m in model.modules() if isinstance(m, AdapterModule)}
+    try:
+        apply(model, config)
+        if config.modules_to_save:
+            wrap_modules_to_save(model, config.modules_to_save)
+    except Exception:
+        _unwrap_all(model, keep=existing)  # only what this call added
+        raise
+    record.configs.append(config)
+    object.__setattr__(model, _RECORD, record)
+    _freeze_all_but_adapters(model)
+    return model
+
+
+def _unwrap_all(module: nn.Module, keep: set[int] | frozenset[int] = frozenset()) -> None:
+    """Replace every AdapterWrapper by its base layer and drop attached AdapterModules (but those in ``keep``)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, AdapterModule) and id(child) in keep:
+            _unwrap_all(child, keep)
+        elif isinstance(child, AdapterWrapper):
+            inner = child.unwrap()
+            _unwrap_all(inner, keep)
+            setattr(module, name, inner)
+        elif isinstance(child, AdapterModule):
+            delattr(module, name)
+        else:
+            _unwrap_all(child, keep)
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Take every adapter out: the original module tree, parameters and ``requires_grad`` flags back.
+
+    ``modules_to_save`` go back to their original (untrained) weights.
+    """
+    record: _InjectionRecord | None = getattr(model, _RECORD, None)
+    if record is None:
+        raise ValueError(f"{type(model).__name__} has no medadapt adapters to remove")
+    _unwrap_all(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(record.requires_grad.get(name, p.requires_grad))
+    object.__delattr__(model, _RECORD)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes exactly what its base model computes."""
+    modules = [m for _, m, _ in adapter_modules(model) if isinstance(m, AdapterModule)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no medadapt adapters to disable")
+    before = [m.adapters_enabled for m in modules]
+    try:
+        for m in modules:
+            m.set_adapters_enabled(False)
+        yield model
+    finally:
+        for m, flag in zip(modules, before):
+            m.set_adapters_enabled(flag)

@@ -1,0 +1,55 @@
+"""Host submodules trained in full (``modules_to_save``), e.g. SAM's ``mask_decoder``."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .base import AdapterWrapper
+from .targets import find_modules
+
+__all__ = ["ModulesToSaveWrapper", "wrap_modules_to_save"]
+
+
+class ModulesToSaveWrapper(AdapterWrapper):
+    """Keeps the host module as a frozen ``base_layer`` and trains a copy, ``trained``.
+
+    With adapters enabled the trained copy runs; disabled (or removed) the original runs, so the base
+    model's behaviour is always one context manager away.
+    """
+
+    base_is_frozen_copy = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.trained = copy.deepcopy(base_layer)
+
+    def forward(self, *args, **kwargs):
+        module = self.trained if self.adapters_enabled else self.base_layer
+        return module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # host code reads attributes of the module it owns (e.g. ``mask_decoder.num_mask_tokens``)
+            return getattr(self._modules["trained"], name)
+
+
+def wrap_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    """Wrap every module matching ``names`` (exact or ``.suffix``); returns the wrapped names."""
+    wrapped = []
+    for spec in names:
+        for name, module in find_modules(model, [spec], "modules_to_save"):
+            if isinstance(module, ModulesToSaveWrapper) or any(name.startswith(w + ".") for w in wrapped):
+                continue
+            _set_submodule(model, name, ModulesToSaveWrapper(module))
+            wrapped.append(name)
+    return wrapped
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

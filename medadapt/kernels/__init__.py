@@ -1,0 +1,18 @@
+"""Kernels: per op a plain-torch reference, a Triton kernel, an autograd.Function and a dispatcher.
+
+Importable with torch alone; Triton is imported lazily when a kernel runs on it.
+``MEDADAPT_KERNELS=torch|triton`` forces a path (see ``_dispatch``).
+"""
+
+from ._dispatch import kernel_backend, triton_available
+from .fused_adapter import fused_adapter, fused_adapter_reference
+from .selective_scan import selective_scan, selective_scan_reference
+
+__all__ = [
+    "fused_adapter",
+    "fused_adapter_reference",
+    "kernel_backend",
+    "selective_scan",
+    "selective_scan_reference",
+    "triton_available",
+]

@@ -1,0 +1,61 @@
+"""Choosing between the Triton kernels and the torch paths.
+
+``MEDADAPT_KERNELS=torch`` forces the torch path, ``MEDADAPT_KERNELS=triton`` forces Triton (on CPU
+tensors this needs ``TRITON_INTERPRET=1``, which is how CI runs the kernels); unset or ``auto`` picks
+Triton when every tensor is on CUDA and Triton imports, else torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["kernel_backend", "triton_available", "interpret_mode"]
+
+_CHOICES = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # a broken install counts as absent
+        return False
+    return True
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_backend(*tensors: torch.Tensor) -> str:
+    """Return ``"triton"`` or ``"torch"`` for an op on ``tensors``.
+
+    Raises:
+        ValueError: ``MEDADAPT_KERNELS`` holds an unknown value.
+        ImportError: ``MEDADAPT_KERNELS=triton`` but Triton is missing (names the extra).
+        RuntimeError: ``MEDADAPT_KERNELS=triton`` with CPU tensors outside interpreter mode.
+    """
+    choice = os.environ.get("MEDADAPT_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"MEDADAPT_KERNELS must be one of {_CHOICES}, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if choice == "triton":
+        if not triton_available():
+            raise ImportError("MEDADAPT_KERNELS=triton needs Triton: pip install 'medadapt[triton]'")
+        if not on_cuda and not interpret_mode():
+            raise RuntimeError(
+                "MEDADAPT_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
+            )
+        return "triton"
+    return "triton" if on_cuda and triton_available() else "torch"
