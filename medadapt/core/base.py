@@ -27,6 +27,9 @@ class AdapterModule(nn.Module):
     def set_adapters_enabled(self, enabled: bool) -> None:
         self.adapters_enabled = bool(enabled)
 
+    def on_remove(self) -> None:
+        """Called by ``remove_adapters`` before this module leaves the tree (e.g. to drop hooks)."""
+
 
 class AdapterWrapper(AdapterModule):
     """Wraps a host submodule (``base_layer``) and adds adapter computation around it."""

@@ -81,10 +81,14 @@ def _unwrap_all(module: nn.Module, keep: set[int] | frozenset[int] = frozenset()
         if isinstance(child, AdapterModule) and id(child) in keep:
             _unwrap_all(child, keep)
         elif isinstance(child, AdapterWrapper):
-            inner = child.unwrap()
+            inner = child
+            while isinstance(inner, AdapterWrapper) and id(inner) not in keep:  # a stack of wrappers
+                inner.on_remove()
+                inner = inner.unwrap()
             _unwrap_all(inner, keep)
             setattr(module, name, inner)
         elif isinstance(child, AdapterModule):
+            child.on_remove()
             delattr(module, name)
         else:
             _unwrap_all(child, keep)
