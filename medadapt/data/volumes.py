@@ -1,0 +1,230 @@
+"""Image/label NIfTI pairs: finding them, checking them, and loading them through MONAI transforms.
+
+Pairs come from the command line (``--image a.nii.gz --label b.nii.gz``, repeated) or from a folder.
+Folder pairing rule (first that applies):
+
+1. ``imagesTr/`` + ``labelsTr/`` (Medical Segmentation Decathlon / nnU-Net): an image
+   ``case_0000.nii.gz`` (channel suffix ``_0000`` removed) or ``case.nii.gz`` pairs with
+   ``labelsTr/case.nii.gz``;
+2. ``images/`` + ``labels/``: identical file names;
+3. a flat folder: ``case.nii.gz`` pairs with ``case_label``, ``case_seg``, ``case_mask`` or
+   ``case_labels`` (``.nii`` or ``.nii.gz``).
+
+Every image must find its label (else ValueError naming the image). Checks before loading
+(:func:`check_volume_pair`) raise ValueError naming the file: not NIfTI, not 3D, label shape differs
+from the image, label empty (no voxel > 0).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .._optional import require
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "build_volume_transforms",
+    "check_volume_pair",
+    "find_volume_pairs",
+    "load_volume_pairs",
+    "pairs_from_arguments",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_LABEL_TAGS = ("_label", "_seg", "_mask", "_labels")
+
+
+def _is_nifti_name(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+
+
+def _nifti_header(path: Path, role: str):
+    """Load a NIfTI proxy image (no voxel data read), or raise naming the file."""
+    nib = require("nibabel", "NIfTI volumes")
+    if not path.is_file():
+        raise ValueError(f"{role} file {str(path)!r} does not exist")
+    if not _is_nifti_name(path):
+        raise ValueError(f"{role} file {str(path)!r} is not NIfTI: expected a name ending in .nii or .nii.gz")
+    try:
+        image = nib.load(os.fspath(path))
+    except Exception as err:  # nibabel raises several types for unreadable files
+        raise ValueError(f"{role} file {str(path)!r} is not a readable NIfTI file: {err}") from err
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ValueError(f"{role} file {str(path)!r} is not NIfTI (nibabel read a {type(image).__name__})")
+    return image
+
+
+def _spatial_shape(image, path: Path, role: str) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{role} file {str(path)!r} must be a 3D volume, got shape {tuple(image.shape)}")
+    return shape
+
+
+def check_volume_pair(image_path: str | os.PathLike, label_path: str | os.PathLike) -> tuple[int, int, int]:
+    """Check that an image/label pair is usable; return the spatial shape.
+
+    Raises:
+        ValueError naming the file when it is missing, not NIfTI, not 3D, when the label's shape differs
+        from the image's, when the label has no foreground voxel (nothing > 0) or holds non-integer values.
+    """
+    image_path, label_path = Path(image_path), Path(label_path)
+    image = _nifti_header(image_path, "image")
+    label = _nifti_header(label_path, "label")
+    image_shape = _spatial_shape(image, image_path, "image")
+    label_shape = _spatial_shape(label, label_path, "label")
+    if image_shape != label_shape:
+        raise ValueError(f"label file {str(label_path)!r} has shape {label_shape}, but its image "
+                         f"{str(image_path)!r} has shape {image_shape}")
+    if not np.allclose(image.affine, label.affine, atol=1e-3):
+        warnings.warn(f"label file {str(label_path)!r} and image {str(image_path)!r} have different affines; "
+                      "they are resampled separately", stacklevel=2)
+    data = np.asanyarray(label.dataobj)
+    if not np.any(data > 0):
+        raise ValueError(f"label file {str(label_path)!r} is empty: no voxel has a class > 0")
+    if np.issubdtype(data.dtype, np.floating) and not np.array_equal(data, np.round(data)):
+        raise ValueError(f"label file {str(label_path)!r} holds non-integer values (a probability map?): "
+                         "expected class indices 0, 1, 2, ...")
+    return image_shape  # type: ignore[return-value]
+
+
+def pairs_from_arguments(images: Sequence[str | os.PathLike], labels: Sequence[str | os.PathLike]
+                         ) -> list[dict[str, str]]:
+    """``--image a --label b`` (repeated) as ``[{"image": a, "label": b}, ...]``, checked.
+
+    A single entry of ``images`` that is a folder is expanded with :func:`find_volume_pairs`
+    (``labels`` must then be empty).
+    """
+    images, labels = list(images or []), list(labels or [])
+    if len(images) == 1 and not labels and Path(images[0]).is_dir():
+        return find_volume_pairs(images[0])
+    if not images:
+        raise ValueError("images must name at least one NIfTI file (or one folder)")
+    if len(images) != len(labels):
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels: pass one --label per --image")
+    pairs = [{"image": os.fspath(i), "label": os.fspath(lab)} for i, lab in zip(images, labels)]
+    for pair in pairs:
+        check_volume_pair(pair["image"], pair["label"])
+    return pairs
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and _is_nifti_name(p) and not p.name.startswith("."))
+
+
+def _label_in(folder: Path, stem: str) -> Path | None:
+    for suffix in NIFTI_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_volume_pairs(folder: str | os.PathLike, check: bool = True) -> list[dict[str, str]]:
+    """Image/label pairs in ``folder`` by the pairing rule in this module's docstring, sorted by name."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"folder {str(root)!r} is not a directory")
+    pairs: list[tuple[Path, Path | None]] = []
+    for image_dir, label_dir in (("imagesTr", "labelsTr"), ("images", "labels")):
+        if (root / image_dir).is_dir() and (root / label_dir).is_dir():
+            for image in _nifti_files(root / image_dir):
+                stem = re.sub(r"_\d{4}$", "", _stem(image)) if image_dir == "imagesTr" else _stem(image)
+                label = _label_in(root / label_dir, stem) or _label_in(root / label_dir, _stem(image))
+                pairs.append((image, label))
+            break
+    else:
+        files = _nifti_files(root)
+        label_like = {p for p in files if _stem(p).endswith(_LABEL_TAGS)}
+        for image in (p for p in files if p not in label_like):
+            found = [lab for tag in _LABEL_TAGS if (lab := _label_in(root, _stem(image) + tag)) is not None]
+            pairs.append((image, found[0] if found else None))
+    if not pairs:
+        raise ValueError(f"folder {str(root)!r} holds no NIfTI images "
+                         "(see medadapt.data.volumes for the layout)")
+    missing = [str(image) for image, label in pairs if label is None]
+    if missing:
+        raise ValueError(f"no label found for image file {missing[0]!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    result = [{"image": os.fspath(image), "label": os.fspath(label)} for image, label in pairs]
+    if check:
+        for pair in result:
+            check_volume_pair(pair["image"], pair["label"])
+    return result
+
+
+def build_volume_transforms(pixdim: Sequence[float] | None = None, orientation: str | None = "RAS",
+                            intensity: str | None = "percentile",
+                            window: tuple[float, float] = (-175.0, 250.0),
+                            percentiles: tuple[float, float] = (0.5, 99.5), crop_foreground: str | None = "image",
+                            margin: int = 2):
+    """MONAI dictionary transforms for keys ``image`` (float) and ``label`` (class index).
+
+    ``LoadImaged → EnsureChannelFirstd → Orientationd → Spacingd → intensity → CropForegroundd``;
+    intensity is ``"window"`` (``ScaleIntensityRanged``: ``[a, b] → [0, 1]``, clipped, e.g. CT HU
+    [−175, 250]), ``"percentile"`` (``ScaleIntensityRangePercentilesd``: the given percentiles
+    → [0, 1], clipped; for MRI) or None. ``crop_foreground="image"`` keeps the bounding box of
+    ``image > 0`` plus ``margin`` voxels, ``"label"`` that of ``label > 0``, None no crop.
+    """
+    transforms = require("monai.transforms", "volume transforms")
+    keys = ["image", "label"]
+    steps = [transforms.LoadImaged(keys=keys, image_only=True),
+             transforms.EnsureChannelFirstd(keys=keys)]
+    if orientation:
+        steps.append(transforms.Orientationd(keys=keys, axcodes=orientation,
+                                                labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if pixdim is not None:
+        if len(pixdim) != 3 or any(float(p) <= 0 for p in pixdim):
+            raise ValueError(f"pixdim must be three positive spacings in mm, got {pixdim!r}")
+        steps.append(transforms.Spacingd(keys=keys, pixdim=tuple(float(p) for p in pixdim),
+                                         mode=("bilinear", "nearest")))
+    if intensity == "window":
+        steps.append(transforms.ScaleIntensityRanged(keys="image", a_min=window[0], a_max=window[1],
+                                                     b_min=0.0, b_max=1.0, clip=True))
+    elif intensity == "percentile":
+        steps.append(transforms.ScaleIntensityRangePercentilesd(keys="image", lower=percentiles[0],
+                                                                upper=percentiles[1], b_min=0.0, b_max=1.0,
+                                                                clip=True))
+    elif intensity is not None:
+        raise ValueError(f"intensity must be 'window', 'percentile' or None, got {intensity!r}")
+    if crop_foreground not in (None, "image", "label"):
+        raise ValueError(f"crop_foreground must be 'image', 'label' or None, got {crop_foreground!r}")
+    if crop_foreground is not None:
+        steps.append(transforms.CropForegroundd(keys=keys, source_key=crop_foreground, margin=margin,
+                                                allow_smaller=True))
+    return transforms.Compose(steps)
+
+
+def load_volume_pairs(pairs: Sequence[dict[str, str]], **transform_kwargs) -> list[dict[str, np.ndarray]]:
+    """Check and load pairs: ``[{"image": float32 (1, X, Y, Z), "label": int64 (1, X, Y, Z), ...}]``.
+
+    ``transform_kwargs`` go to :func:`build_volume_transforms`. The file names are kept under
+    ``image_path`` / ``label_path``.
+    """
+    transform = build_volume_transforms(**transform_kwargs)
+    volumes = []
+    for pair in pairs:
+        check_volume_pair(pair["image"], pair["label"])
+        data = transform({"image": pair["image"], "label": pair["label"]})
+        image = np.asarray(data["image"], dtype=np.float32)
+        label = np.rint(np.asarray(data["label"])).astype(np.int64)
+        if image.shape != label.shape:
+            raise ValueError(f"label file {pair['label']!r} does not match image {pair['image']!r} after "
+                             f"resampling: {label.shape} vs {image.shape}")
+        volumes.append({"image": image, "label": label,
+                        "image_path": pair["image"], "label_path": pair["label"]})
+    return volumes

@@ -1,0 +1,97 @@
+"""Prompt sampling from labels: exact boxes, bounded jitter, points in the right regions, seeding."""
+
+import pytest
+import torch
+
+from medadapt.data import class_masks, mask_bounding_boxes, sample_box_prompts, sample_point_prompts
+
+
+def label_map() -> torch.Tensor:
+    """Two slices of 9×13 (odd sizes); class 2 missing from slice 1."""
+    label = torch.zeros(2, 9, 13, dtype=torch.long)
+    label[0, 2:5, 3:10] = 1
+    label[0, 7, 11] = 2
+    label[1, 0:9, 12] = 1
+    return label
+
+
+def test_bounding_boxes_exact():
+    boxes, present = mask_bounding_boxes(class_masks(label_map(), [1, 2, 3]))
+    assert boxes.shape == (2, 3, 4) and present.tolist() == [[True, True, False], [True, False, False]]
+    assert boxes[0, 0].tolist() == [3, 2, 9, 4]  # x0, y0, x1, y1 inclusive
+    assert boxes[0, 1].tolist() == [11, 7, 11, 7]
+    assert boxes[1, 0].tolist() == [12, 0, 12, 8]
+    assert boxes[1, 1].tolist() == [0, 0, 0, 0] and boxes[0, 2].tolist() == [0, 0, 0, 0]
+
+
+def test_box_jitter_zero_is_tight_box_and_batch_equals_per_slice():
+    label = label_map()
+    boxes, present = sample_box_prompts(label, [1, 2], jitter=0.0)
+    for s in range(2):
+        single, single_present = sample_box_prompts(label[s], [1, 2], jitter=0.0)
+        assert torch.equal(boxes[s], single) and torch.equal(present[s], single_present)
+
+
+def test_box_jitter_bounded_ordered_seeded():
+    label = label_map().repeat(50, 1, 1)  # many draws
+    tight, present = mask_bounding_boxes(class_masks(label, [1, 2]))
+    boxes, _ = sample_box_prompts(label, [1, 2], jitter=0.2, generator=3)
+    side = torch.stack([tight[..., 2] - tight[..., 0] + 1, tight[..., 3] - tight[..., 1] + 1], -1).repeat(1, 1, 2)
+    assert torch.all((boxes - tight).abs() <= 0.2 * side + 0.5)
+    assert torch.all(boxes[..., :2] <= boxes[..., 2:]) and boxes.min() >= 0
+    assert torch.all(boxes[..., [0, 2]] <= 12) and torch.all(boxes[..., [1, 3]] <= 8)
+    assert not torch.equal(boxes[present], tight[present])  # jitter moved something
+    assert torch.equal(boxes, sample_box_prompts(label, [1, 2], jitter=0.2, generator=3)[0])
+    assert not torch.equal(boxes, sample_box_prompts(label, [1, 2], jitter=0.2, generator=4)[0])
+    assert torch.all(boxes[~present] == 0)
+
+
+def test_points_inside_and_outside_masks():
+    label = label_map().repeat(20, 1, 1)
+    coords, labels, present = sample_point_prompts(label, [1], num_positive=3, num_negative=4, generator=0)
+    assert coords.shape == (40, 1, 7, 2) and labels.shape == (40, 1, 7) and present.all()
+    x, y = coords[..., 0].long(), coords[..., 1].long()
+    value = label[torch.arange(40)[:, None, None], y, x]  # class under each point
+    assert torch.all(labels[..., :3] == 1) and torch.all(value[..., :3] == 1)
+    assert torch.all(labels[..., 3:] == 0) and torch.all(value[..., 3:] != 1)
+    flat = (y * 13 + x)[:, 0]
+    assert all(len(set(row[:3].tolist())) == 3 for row in flat)  # distinct positives
+
+
+def test_box_region_negatives_and_padding():
+    label = label_map()
+    coords, labels, present = sample_point_prompts(label, [1, 2], num_positive=2, num_negative=3,
+                                                   negative_region="box", generator=1)
+    # slice 0, class 1: negatives inside its box (x 3..9, y 2..4) but the box is full -> padding
+    assert labels[0, 0].tolist() == [1, 1, -1, -1, -1]
+    # slice 0, class 2 is one pixel: one positive, one padding, no negatives inside a 1-pixel box
+    assert labels[0, 1].tolist() == [1, -1, -1, -1, -1] and coords[0, 1, 0].tolist() == [11, 7]
+    # slice 1, class 2 absent: all padding, zero coordinates
+    assert not present[1, 1] and labels[1, 1].tolist() == [-1] * 5 and torch.all(coords[1, 1] == 0)
+    wide = torch.zeros(11, 15, dtype=torch.long)
+    wide[2:9, 2:9] = 1
+    wide[4:7, 4:7] = 0  # a hole: the only in-box negatives
+    c, lab, _ = sample_point_prompts(wide, [1], num_positive=0, num_negative=9, negative_region="box", generator=2)
+    assert torch.all(lab == 0)
+    assert torch.all((c >= 4) & (c <= 6))
+
+
+def test_points_cover_the_mask_uniformly_enough():
+    label = torch.zeros(400, 5, 5, dtype=torch.long)
+    label[:, 1:3, 1:4] = 1  # 6 pixels
+    coords, _, _ = sample_point_prompts(label, [1], num_positive=1, generator=0)
+    hits = torch.bincount((coords[:, 0, 0, 1] * 5 + coords[:, 0, 0, 0]).long(), minlength=25)
+    assert (hits > 0).sum() == 6 and hits.max() < 120  # each pixel about 400/6 ≈ 67 times
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_positive"):
+        sample_point_prompts(label_map(), [1], num_positive=0, num_negative=0)
+    with pytest.raises(ValueError, match="negative_region"):
+        sample_point_prompts(label_map(), [1], negative_region="ring")
+    with pytest.raises(ValueError, match="jitter"):
+        sample_box_prompts(label_map(), [1], jitter=-1)
+    with pytest.raises(ValueError, match="classes"):
+        sample_box_prompts(label_map(), [])
+    with pytest.raises(ValueError, match="generator"):
+        sample_box_prompts(label_map(), [1], generator="seed")
