@@ -1,0 +1,80 @@
+"""Fused bottleneck adapter on a GPU: SAM's real widths and every autotuning configuration.
+
+Skipped without CUDA. The interpreter tests run one small tile configuration; these check the tile
+shapes the autotuner can pick on a real device (bf16, hidden 192/256/320, odd token counts).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medadapt.kernels import fused_adapter, fused_adapter_reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytest.importorskip("triton")
+
+LEAVES = ("x", "w_down", "b_down", "w_up", "b_up", "residual")
+
+
+def _problem(tokens_shape, width, hidden, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(*size, std=1.0):
+        return (torch.randn(*size, generator=gen) * std).bfloat16().double()
+
+    tensors = {"x": make(*tokens_shape, width), "w_down": make(hidden, width, std=width**-0.5),
+               "b_down": make(hidden, std=0.3), "w_up": make(width, hidden, std=hidden**-0.5),
+               "b_up": make(width, std=0.3), "residual": make(*tokens_shape, width)}
+    return tensors, make(*tokens_shape, width)
+
+
+def _run(fn, tensors, grad, dtype):
+    leaves = [tensors[k].detach().cuda().to(dtype).requires_grad_() for k in LEAVES]
+    out = fn(*leaves[:5], scale=0.5, residual=leaves[5], activation="gelu")
+    grads = torch.autograd.grad(out, leaves, grad.cuda().to(out.dtype))
+    return out, [t.double() for t in (out, *grads)]
+
+
+def _check(tensors, grad):
+    _, exact = _run(fused_adapter_reference, tensors, grad, torch.float64)
+    _, ref = _run(fused_adapter_reference, tensors, grad, torch.bfloat16)
+    out, got = _run(fused_adapter, tensors, grad, torch.bfloat16)
+    assert type(out.grad_fn).__name__ == "FusedAdapterTritonFunctionBackward"
+    for name, g, r, e in zip(("out", *LEAVES), got, ref, exact):
+        size, err, ref_err = e.abs().max().item(), (g - e).abs().max().item(), (r - e).abs().max().item()
+        assert err <= 2.0 * ref_err + 4e-3 * size, f"{name}: error {err:.3g}, bf16 reference's {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("width,hidden", [(768, 192), (1024, 256), (1280, 320)])
+def test_sam_widths_bf16(width, hidden, monkeypatch):
+    monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
+    _check(*_problem((3, 37, 41), width, hidden))
+
+
+@pytest.mark.parametrize("width,hidden", [(768, 192), (1280, 320)])
+def test_every_tile_configuration(width, hidden, monkeypatch):
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
+    tensors, grad = _problem((2, 23, 29), width, hidden, seed=1)
+    fwd_configs, bwd_configs = list(triton_launch._fwd.configs), list(triton_launch._bwd.configs)
+    for i in range(max(len(fwd_configs), len(bwd_configs))):
+        monkeypatch.setattr(triton_launch._fwd, "configs", [fwd_configs[i % len(fwd_configs)]])
+        monkeypatch.setattr(triton_launch._bwd, "configs", [bwd_configs[i % len(bwd_configs)]])
+        _check(tensors, grad)
+
+
+def test_fp32_with_and_without_tf32(monkeypatch):
+    """fp32: the kernel runs when TF32 is allowed (or forced); full-fp32 matmuls otherwise take torch."""
+    tensors, grad = _problem((2, 19, 17), 768, 192)
+    _, exact = _run(fused_adapter_reference, tensors, grad, torch.float64)
+    monkeypatch.setenv("MEDADAPT_KERNELS", "triton")
+    out, got = _run(fused_adapter, tensors, grad, torch.float32)
+    assert type(out.grad_fn).__name__ == "FusedAdapterTritonFunctionBackward"
+    for g, e in zip(got, exact):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+    monkeypatch.delenv("MEDADAPT_KERNELS")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    out, _ = _run(fused_adapter, tensors, grad, torch.float32)
+    assert type(out.grad_fn).__name__ == "FusedAdapterTorchFunctionBackward"

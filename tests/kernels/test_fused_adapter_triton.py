@@ -1,0 +1,228 @@
+"""Fused bottleneck adapter: the Triton kernels against the reference.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (``TRITON_INTERPRET=1``, set by
+tests/conftest.py); with a GPU the same tests run on CUDA tensors. Every output and every gradient
+(x, both weights, both biases, residual) is compared with the float64 reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from medadapt.kernels import fused_adapter, fused_adapter_reference
+from medadapt.kernels._dispatch import interpret_mode
+
+LEAVES = ("x", "w_down", "b_down", "w_up", "b_up")
+
+pytest.importorskip("triton")
+
+if interpret_mode():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _force_triton(monkeypatch):
+    monkeypatch.setenv("MEDADAPT_KERNELS", "triton")
+
+
+def _problem(shape, c_out, hidden, dtype, biases=True, residual=True, seed=0):
+    """Inputs already representable in ``dtype`` (so float64 math on them is the exact answer)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[-1]
+
+    def make(*size, std=1.0):
+        return (torch.randn(*size, generator=gen) * std).to(dtype).to(torch.float64)
+
+    tensors = {
+        "x": make(*shape), "w_down": make(hidden, c, std=c**-0.5), "b_down": make(hidden, std=0.3),
+        "w_up": make(c_out, hidden, std=hidden**-0.5), "b_up": make(c_out, std=0.3),
+        "residual": make(*shape[:-1], c_out),
+    }
+    if not biases:
+        tensors["b_down"] = tensors["b_up"] = None
+    if not residual:
+        tensors["residual"] = None
+    return tensors, make(*shape[:-1], c_out)
+
+
+def _run(fn, tensors, grad, dtype, scale, activation):
+    leaves = {k: v.detach().to(DEVICE, dtype).requires_grad_() for k, v in tensors.items() if v is not None}
+    args = {k: leaves.get(k) for k in tensors}
+    out = fn(args["x"], args["w_down"], args["b_down"], args["w_up"], args["b_up"], scale=scale,
+             residual=args["residual"], activation=activation)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad.to(DEVICE, out.dtype))
+    results = {"out": out, **{f"d_{k}": g for k, g in zip(leaves, grads)}}
+    return {k: v.detach().cpu().double() for k, v in results.items()}, out
+
+
+@pytest.mark.parametrize(
+    "shape,c_out,hidden,activation,biases,residual,scale",
+    [
+        ((3, 7, 5, 40), 40, 12, "gelu", True, True, 0.5),
+        ((3, 7, 5, 40), 40, 12, "gelu_tanh", True, False, 1.0),
+        ((3, 7, 5, 40), 40, 12, "relu", False, True, 2.0),
+        ((4, 33, 24), 17, 20, "gelu", False, False, 0.5),  # C_out ≠ C, hidden split 16 + 16
+        ((2, 37, 96), 96, 48, "gelu_tanh", True, True, 1.0),  # hidden split 32 + 16, several K/N tiles
+    ],
+)
+def test_fp32_matches_reference(shape, c_out, hidden, activation, biases, residual, scale):
+    tensors, grad = _problem(shape, c_out, hidden, torch.float32, biases, residual)
+    exact, _ = _run(fused_adapter_reference, tensors, grad, torch.float64, scale, activation)
+    got, out = _run(fused_adapter, tensors, grad, torch.float32, scale, activation)
+    assert type(out.grad_fn).__name__ == "FusedAdapterTritonFunctionBackward"
+    assert got.keys() == exact.keys()
+    for name in exact:
+        torch.testing.assert_close(got[name], exact[name], rtol=2e-5, atol=2e-5 * exact[name].abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "dtype,activation,hidden",
+    [(torch.bfloat16, "gelu", 12), (torch.bfloat16, "gelu_tanh", 20), (torch.float16, "relu", 12)],
+)
+def test_low_precision_as_accurate_as_reference(dtype, activation, hidden):
+    """Error vs exact is at most about the reference's own error in that dtype (fp32 accumulation)."""
+    tensors, grad = _problem((3, 7, 5, 40), 40, hidden, dtype)
+    exact, _ = _run(fused_adapter_reference, tensors, grad, torch.float64, 0.5, activation)
+    ref, _ = _run(fused_adapter_reference, tensors, grad, dtype, 0.5, activation)
+    got, out = _run(fused_adapter, tensors, grad, dtype, 0.5, activation)
+    assert out.dtype == dtype
+    for name in exact:
+        size = exact[name].abs().max().item()
+        err = (got[name] - exact[name]).abs().max().item()
+        ref_err = (ref[name] - exact[name]).abs().max().item()
+        assert err <= 2.0 * ref_err + 4e-3 * size, f"{name}: error {err:.3g}, reference's {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_up_projection_gives_residual_exactly(dtype):
+    tensors, grad = _problem((3, 7, 5, 40), 40, 12, dtype)
+    tensors["w_up"].zero_()
+    tensors["b_up"].zero_()
+    got, _ = _run(fused_adapter, tensors, grad, dtype, 0.5, "gelu")
+    assert torch.equal(got["out"], tensors["residual"])
+    assert torch.equal(got["d_residual"], grad)
+    assert torch.equal(got["d_x"], torch.zeros_like(got["d_x"]))  # W_up = 0 stops the gradient into x
+    assert torch.equal(got["d_w_down"], torch.zeros_like(got["d_w_down"]))
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a view with last-dimension stride 2 (every other element of a wider tensor)."""
+    return torch.stack([t, torch.zeros_like(t)], dim=-1).flatten(-2)[..., ::2]
+
+
+def test_non_contiguous_inputs_weights_and_grad():
+    tensors, grad = _problem((3, 5, 7, 40), 40, 12, torch.float32)
+    exact, _ = _run(fused_adapter_reference, tensors, grad, torch.float64, 0.5, "gelu")
+    on = {k: v.float().to(DEVICE) for k, v in tensors.items()}
+    x = _strided(on["x"]).requires_grad_()  # column stride 2: the kernel reads it in place
+    res = on["residual"].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # permuted: copied
+    w_down = on["w_down"].t().contiguous().t().requires_grad_()  # column-major weight
+    others = [on[k].requires_grad_() for k in ("b_down", "w_up", "b_up")]
+    g = _strided(grad.float().to(DEVICE))
+    assert not any(t.is_contiguous() for t in (x, res, w_down, g))
+    out = fused_adapter(x, w_down, others[0], others[1], others[2], scale=0.5, residual=res)
+    grads = torch.autograd.grad(out, [x, w_down, *others, res], g)
+    names = ["d_x", "d_w_down", "d_b_down", "d_w_up", "d_b_up", "d_residual"]
+    torch.testing.assert_close(out.double().cpu(), exact["out"], rtol=2e-5, atol=2e-5)
+    for name, got in zip(names, grads):
+        torch.testing.assert_close(got.double().cpu(), exact[name], rtol=2e-5, atol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_partial_requires_grad():
+    """Frozen x (first block) and frozen down-projection: the kernel skips dx and dW_down."""
+    tensors, grad = _problem((3, 7, 5, 40), 40, 12, torch.float32)
+    exact, _ = _run(fused_adapter_reference, tensors, grad, torch.float64, 0.5, "gelu")
+    x, w_down, b_down, w_up, b_up, res = (tensors[k].float().to(DEVICE) for k in tensors)
+    b_down.requires_grad_()
+    w_up.requires_grad_()
+    out = fused_adapter(x, w_down, b_down, w_up, b_up, scale=0.5, residual=res)
+    d_b_down, d_w_up = torch.autograd.grad(out, [b_down, w_up], grad.float().to(DEVICE))
+    torch.testing.assert_close(d_b_down.double().cpu(), exact["d_b_down"], rtol=2e-5, atol=1e-4)
+    torch.testing.assert_close(d_w_up.double().cpu(), exact["d_w_up"], rtol=2e-5, atol=1e-4)
+
+
+def test_hidden_split_covers_widths():
+    from medadapt.kernels.fused_adapter.triton_kernels import hidden_split
+
+    assert hidden_split(12) == (16, 0)
+    assert hidden_split(192) == (128, 64)
+    assert hidden_split(256) == (256, 0)
+    assert hidden_split(320) == (256, 64)
+    assert hidden_split(20) == (16, 16)
+    for width in range(1, 600):
+        first, second = hidden_split(width)
+        assert first + second >= width and first >= 16 and (second == 0 or second >= 16)
+        assert first & (first - 1) == 0 and second & (second - 1) == 0
+
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from medadapt.kernels.fused_adapter.triton_kernels import adapter_bwd_kernel, adapter_fwd_kernel, hidden_split
+
+    def compile_kernel(fn, dtype, hidden, **flags):
+        ha, hb = hidden_split(hidden)
+        consts = dict(ACT=0, HAS_BD=True, HA=ha, HB=hb, PRECISION="tf32", UPCAST=False,
+                      BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, **flags)
+        sig = {}
+        for name in fn.arg_names:
+            sig[name] = ("constexpr" if name in consts else "*fp32" if name.endswith("_part_ptr")
+                         else f"*{dtype}" if name.endswith("_ptr") else "fp32" if name == "scale" else "i32")
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
+
+    compile_kernel(adapter_fwd_kernel, "bf16", 192, HAS_BU=True, HAS_RES=True)
+    compile_kernel(adapter_bwd_kernel, "bf16", 192, NEED_DX=True, STORE_H=True, STORE_DPRE=True, GATE_FP16=True)
+    compile_kernel(adapter_bwd_kernel, "fp16", 12, NEED_DX=False, STORE_H=True, STORE_DPRE=False, GATE_FP16=True)
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter accepts code the GPU compiler rejects: compile for sm_90 (no GPU needed)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    last_line = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    if proc.returncode != 0 and last_line.startswith(("ImportError", "ModuleNotFoundError", "AttributeError")):
+        pytest.skip(f"this Triton has no CUDA toolchain or another AOT API: {last_line}")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_residual_dtype_promotes_output():
+    """bf16 adapter on an fp32 residual stream: fp32 output, gradients in each input's dtype."""
+    tensors, grad = _problem((3, 7, 5, 40), 40, 12, torch.bfloat16)
+    x, w_down, b_down, w_up, b_up = (tensors[k].to(DEVICE, torch.bfloat16).requires_grad_() for k in LEAVES)
+    res = tensors["residual"].to(DEVICE, torch.float32).requires_grad_()
+    out = fused_adapter(x, w_down, b_down, w_up, b_up, scale=0.5, residual=res)
+    ref = fused_adapter_reference(x, w_down, b_down, w_up, b_up, scale=0.5, residual=res)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    d_x, d_res = torch.autograd.grad(out, [x, res], grad.to(DEVICE, torch.float32))
+    assert d_x.dtype == torch.bfloat16 and d_res.dtype == torch.float32
+    assert torch.equal(d_res.cpu(), grad.float())
+
+
+def test_broadcast_output_gradient():
+    """``out.sum().backward()`` hands the kernel a gradient with zero strides."""
+    tensors, _ = _problem((2, 9, 40), 40, 12, torch.float32)
+    ones = torch.ones(2, 9, 40, dtype=torch.float64)
+    exact, _ = _run(fused_adapter_reference, tensors, ones, torch.float64, 0.5, "gelu_tanh")
+    x, w_down, b_down, w_up, b_up = (tensors[k].float().to(DEVICE).requires_grad_() for k in LEAVES)
+    fused_adapter(x, w_down, b_down, w_up, b_up, scale=0.5, activation="gelu_tanh").sum().backward()
+    for name, t in zip(LEAVES, (x, w_down, b_down, w_up, b_up)):
+        torch.testing.assert_close(t.grad.double().cpu(), exact[f"d_{name}"], rtol=2e-5, atol=1e-4)
