@@ -154,3 +154,16 @@ def test_user_registered_host_block():
     ma.inject(model, ma.MedSAConfig())
     assert isinstance(model[1].mix, SequentialAdapterWrapper)
     assert torch.equal(model(x), ref)
+
+
+def test_modules_to_save_trains_host_layers_under_nested_wrappers():
+    """HyP-Adpt wraps decoder blocks; modules_to_save=["mask_decoder"] must still train the whole copy."""
+    from tiny_models import tiny_sam
+
+    torch.manual_seed(0)
+    sam = tiny_sam()
+    ma.inject(sam, ma.MedSAConfig(hyper_prompt=True, modules_to_save=["mask_decoder"]))
+    decoder = sam.mask_decoder
+    assert all(p.requires_grad for p in decoder.trained.parameters())
+    assert not any(p.requires_grad for p in decoder.base_layer.parameters())
+    assert not any(p.requires_grad for p in sam.prompt_encoder.parameters())
