@@ -21,6 +21,8 @@ from .core import (
     save_adapter,
     trainable_parameters,
 )
+from .mim import MambaMIM, MambaMIMConfig
+from .models import HybridMambaEncoder, Mamba
 from .prompts import CILMPConfig, encode_descriptions
 
 __version__ = "0.1.0"
@@ -29,6 +31,10 @@ __all__ = [
     "AdapterConfig",
     "CILMPConfig",
     "HostIntegration",
+    "HybridMambaEncoder",
+    "Mamba",
+    "MambaMIM",
+    "MambaMIMConfig",
     "MedSAConfig",
     "__version__",
     "disable_adapters",
