@@ -7,8 +7,8 @@ Stable, small API (imported by several ``bench_*.py`` scripts):
 - ``time_ms(fn, device) -> float``: median milliseconds per call — ``triton.testing.do_bench`` on CUDA
   (falls back to CUDA events without Triton), ``torch.utils.benchmark`` on CPU;
 - ``peak_memory_mb(fn, device) -> float``: extra memory allocated at the high-water mark of one call
-  above what was allocated before it — ``torch.cuda.max_memory_allocated`` on CUDA, the profiler's
-  allocation events on CPU;
+  above what was allocated before it — ``torch.cuda.max_memory_allocated`` on CUDA, live storages
+  tracked by a dispatch mode on CPU;
 - ``write_csv(path, rows)``: rows are dicts, the header is the union of their keys;
 - ``pyplot()``: ``matplotlib.pyplot`` with the Agg backend, or ``None`` when matplotlib is missing.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import itertools
 import os
 import platform
 import statistics
@@ -26,6 +27,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["environment", "device_name", "time_ms", "peak_memory_mb", "write_csv", "pyplot"]
 
@@ -100,8 +103,9 @@ def _cuda_event_median_ms(fn: Callable[[], Any], warmup: int = 5, rep: int = 30)
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float:
     """Peak memory allocated during one ``fn()`` above the memory allocated before it, in MB (1e6 B).
 
-    On CPU this replays the profiler's allocation events (an op's own allocations count at its start,
-    its frees at its end), so it sees torch tensors only, not Python objects or allocator caching.
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: a dispatch mode that adds up the storages that ops
+    allocate (returns that alias no input) while they are alive (weak references), checked after every
+    op — tensors only, at op granularity (an op's internal scratch is not seen).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -111,22 +115,48 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 1e6
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _LiveStorage() as tracker:
         fn()
-    deltas = []
-    for event in prof.events():
-        nbytes = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        if nbytes > 0:
-            deltas.append((event.time_range.start, nbytes))
-        elif nbytes < 0:
-            deltas.append((event.time_range.end, nbytes))
-    current = peak = 0
-    for _, nbytes in sorted(deltas):
-        current += nbytes
-        peak = max(peak, current)
-    return peak / 1e6
+    return tracker.peak / 1e6
+
+
+class _LiveStorage(TorchDispatchMode):
+    """Running total of the bytes of storages created under the mode and still alive.
+
+    Deaths are found by polling weak references: the newest storages after every op (temporaries die
+    young), all of them every ``full_every`` ops — so a free may be seen a few ops late (the peak can
+    only be overstated, slightly) and the cost stays linear even with many long-lived saved tensors.
+    """
+
+    def __init__(self, young: int = 64, full_every: int = 256):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # insertion-ordered: newest last
+        self.current = self.peak = self.ops = 0
+        self.young, self.full_every = young, full_every
+
+    def _sweep(self, keys) -> None:
+        for key in [k for k in keys if self.live[k][0].expired()]:
+            self.current -= self.live.pop(key)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        if self.ops % self.full_every == 0:
+            self._sweep(list(self.live))
+        else:
+            self._sweep(list(itertools.islice(reversed(self.live), self.young)))
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        for tensor, ret in zip(results, func._schema.returns):
+            if isinstance(tensor, torch.Tensor) and ret.alias_info is None:
+                storage = tensor.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr in self.live and self.live[ptr][0].expired():  # address reused after a late free
+                    self.current -= self.live.pop(ptr)[1]
+                if ptr not in self.live and storage.nbytes() > 0:
+                    self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:

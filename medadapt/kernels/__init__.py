@@ -5,14 +5,22 @@ Importable with torch alone; Triton is imported lazily when a kernel runs on it.
 """
 
 from ._dispatch import kernel_backend, triton_available
-from .fused_adapter import fused_adapter, fused_adapter_reference
-from .selective_scan import selective_scan, selective_scan_reference
+from .fused_adapter import fused_adapter, fused_adapter_backend, fused_adapter_reference
+from .selective_scan import (
+    selective_scan,
+    selective_scan_reference,
+    selective_scan_torch,
+    selective_scan_triton,
+)
 
 __all__ = [
     "fused_adapter",
+    "fused_adapter_backend",
     "fused_adapter_reference",
     "kernel_backend",
     "selective_scan",
     "selective_scan_reference",
+    "selective_scan_torch",
+    "selective_scan_triton",
     "triton_available",
 ]
