@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(VENV)/bin/medadapt bench
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU session: kernel correctness on CUDA, the kernel tests, then the benchmarks.
+# Usage on the device machine (repo root, $OUT set):  bash benchmarks/gpu_suite.sh [part]
+#   part: all (default) | kernels (checks + tests + scan bench) | benches (adapter + finetune benches)
+# Pure-Python extras (segment-anything, monai, nibabel) travel as wheels in .whl/.
+set -uo pipefail
+part=${1:-all}
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+log="$OUT/gpu_log_${part}.txt"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  if [[ $part == all || $part == kernels ]]; then
+    timeout 150 python3 benchmarks/gpu_check.py --out "$OUT"
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py \
+      tests/kernels/test_selective_scan_triton.py tests/kernels/test_fused_adapter.py tests/kernels/test_selective_scan.py
+    timeout 240 python3 benchmarks/bench_selective_scan.py --out "$OUT" --lengths 256 1024 2048 4096 8192 \
+      --dims 768 1536 --dtype bf16 --ref-max-len 1024
+  fi
+  if [[ $part == all || $part == benches ]]; then
+    timeout 240 python3 benchmarks/bench_adapter.py --out "$OUT" --batches 1 4 8
+    timeout 300 python3 benchmarks/bench_finetune.py --out "$OUT" --with-3d
+  fi
+} 2>&1 | tee "$log"

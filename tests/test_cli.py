@@ -1,0 +1,115 @@
+"""The ``medadapt`` command: help texts, lazy imports, a tiny 2D fine-tune, and the bench runner."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import medadapt as ma
+from medadapt.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Tiny ops: a second OpenMP thread on a shared 2-core machine only spins (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("demo", "finetune", "pretrain", "bench"):
+        assert command in text
+
+
+def test_console_entry_imports_no_optional_dependency():
+    code = ("import sys; from medadapt.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('segment_anything', 'monai', 'matplotlib', 'nilearn', 'peft') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "HEAVY []" in out and "finetune" in out
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("finetune", "--prompt"), ("demo", "--checkpoint"), ("bench", "--list")])
+def test_subcommand_help(command, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert expected in out and f"medadapt {command}" in out
+
+
+def test_pretrain_delegates_or_says_it_is_missing(capsys):
+    if importlib.util.find_spec("medadapt.mim") and importlib.util.find_spec("medadapt.mim.pretrain"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["pretrain", "--help"])
+        assert exit_info.value.code == 0
+    else:
+        assert main(["pretrain", "--help"]) == 2
+        assert "medadapt.mim.pretrain is missing" in capsys.readouterr().err
+
+
+def test_unknown_command_and_missing_3d_job(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2
+    if importlib.util.find_spec("medadapt.train.finetune3d") is None:
+        assert main(["finetune", "--3d"]) == 2
+        assert "3D fine-tune is not available" in capsys.readouterr().err
+
+
+def test_tiny_2d_finetune_writes_adapter_figures_and_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["finetune", "--arch", "tiny", "--img-size", "32", "--steps", "2", "--batch-size", "2",
+                 "--eval-every", "1", "--overlays", "2", "--no-progress", "--out", str(out),
+                 "--cache-dir", str(tmp_path.parent / "mni_cache")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "RANDOM" in printed and "before" in printed and "-> after" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "curves.png", "metrics.json", "overlays.png"]
+    for png in ("curves.png", "overlays.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps_done"] == 2 and metrics["eval_steps"] == [0, 1, 2] and metrics["backbone"] == "random"
+    assert 0.0 <= metrics["dice_before"] <= 1.0 and 0.0 <= metrics["dice_after"] <= 1.0
+    from medadapt.train import build_sam
+
+    fresh = build_sam("tiny", img_size=32)
+    ma.load_adapter(fresh, out / "adapter")  # strict: the saved adapter fits a fresh model
+    trainable, _ = ma.trainable_parameters(fresh)
+    assert trainable == metrics["trainable_params"]
+
+
+def test_bench_lists_and_runs_the_finetune_benchmark(tmp_path, capsys):
+    assert main(["bench", "--list", "--dir", str(ROOT / "benchmarks")]) == 0
+    assert "finetune" in capsys.readouterr().out.split()
+    code = main(["bench", "finetune", "--dir", str(ROOT / "benchmarks"), "--", "--arch", "tiny", "--img-size", "32",
+                 "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    rows = (tmp_path / "finetune_cpu.csv").read_text().splitlines()
+    assert rows[0].startswith("case,") and [r.split(",")[0] for r in rows[1:]] == ["full_ft", "medadapt", "peft_lora"]
+
+
+def test_example_script_runs_with_point_prompts(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    out = tmp_path / "example"
+    monkeypatch.setattr(sys, "argv", ["finetune_sam2d.py", "--arch", "tiny", "--img-size", "32", "--steps", "1",
+                                      "--eval-every", "0", "--overlays", "1", "--prompt", "point", "--no-progress",
+                                      "--out", str(out), "--cache-dir", str(tmp_path.parent / "mni_cache")])
+    runpy.run_path(str(ROOT / "examples" / "finetune_sam2d.py"), run_name="__main__")
+    assert "finetune_sam2d point] held-out Dice" in capsys.readouterr().out
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "overlays.png").is_file()
