@@ -19,14 +19,14 @@ log="$OUT/gpu_log_${part}.txt"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   if [[ $part == all || $part == kernels ]]; then
-    timeout 150 python3 benchmarks/gpu_check.py --out "$OUT"
-    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py \
-      tests/kernels/test_selective_scan_triton.py tests/kernels/test_fused_adapter.py tests/kernels/test_selective_scan.py
-    timeout 240 python3 benchmarks/bench_selective_scan.py --out "$OUT" --lengths 256 1024 2048 4096 8192 \
+    timeout 120 python3 benchmarks/gpu_check.py --out "$OUT"
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py \
+      tests/kernels/test_selective_scan_triton.py
+    timeout 200 python3 benchmarks/bench_selective_scan.py --out "$OUT" --lengths 256 1024 2048 4096 8192 \
       --dims 768 1536 --dtype bf16 --ref-max-len 1024
   fi
   if [[ $part == all || $part == benches ]]; then
-    timeout 240 python3 benchmarks/bench_adapter.py --out "$OUT" --batches 1 4 8
-    timeout 300 python3 benchmarks/bench_finetune.py --out "$OUT" --with-3d
+    timeout 220 python3 benchmarks/bench_adapter.py --out "$OUT" --batches 1 4 8
+    timeout 220 python3 benchmarks/bench_finetune.py --out "$OUT" --with-3d
   fi
 } 2>&1 | tee "$log"
