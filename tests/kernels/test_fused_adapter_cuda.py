@@ -58,11 +58,19 @@ def test_every_tile_configuration(width, hidden, monkeypatch):
 
     monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
     tensors, grad = _problem((2, 23, 29), width, hidden, seed=1)
+    from triton.runtime.errors import OutOfResources
+
     fwd_configs, bwd_configs = list(triton_launch._fwd.configs), list(triton_launch._bwd.configs)
+    ran = 0
     for i in range(max(len(fwd_configs), len(bwd_configs))):
         monkeypatch.setattr(triton_launch._fwd, "configs", [fwd_configs[i % len(fwd_configs)]])
         monkeypatch.setattr(triton_launch._bwd, "configs", [bwd_configs[i % len(bwd_configs)]])
-        _check(tensors, grad)
+        try:
+            _check(tensors, grad)
+            ran += 1
+        except OutOfResources:  # too much shared memory on this GPU: the autotuner skips such configs too
+            continue
+    assert ran > 0
 
 
 def test_fp32_with_and_without_tf32(monkeypatch):
