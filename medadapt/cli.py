@@ -21,11 +21,11 @@ __all__ = ["DEMO_JOB", "FINETUNE_2D_JOB", "FINETUNE_3D_JOB", "PRETRAIN_JOB", "ma
 FINETUNE_2D_JOB = "medadapt.train.finetune2d:main"
 FINETUNE_3D_JOB = "medadapt.train.finetune3d:main"
 PRETRAIN_JOB = "medadapt.mim.pretrain:main"
-DEMO_JOB = FINETUNE_2D_JOB
+DEMO_JOB = FINETUNE_3D_JOB
 
 _COMMANDS = {
-    "demo": "run the main job with its defaults (now the 2D SAM fine-tune on the bundled MNI152 volume)",
-    "finetune": "fine-tune Med-SA adapters on SAM with prompts (2D slices; --3d for volumes when available)",
+    "demo": "the main job with its defaults: 3D SAM fine-tune (SD-Trans + HyP-Adpt) on the bundled MNI152 volume",
+    "finetune": "fine-tune Med-SA adapters on SAM with prompts (2D slices; --3d for volumes with SD-Trans + HyP-Adpt)",
     "pretrain": "MambaMIM self-supervised pretraining (medadapt.mim.pretrain)",
     "bench": "run the benchmark scripts (benchmarks/bench_*.py of a source checkout)",
 }
