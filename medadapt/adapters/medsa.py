@@ -8,8 +8,7 @@ from torch import nn
 
 from ..core.config import MedSAConfig, register_method
 from ..core.hosts import host_blocks
-from ..core.inject import set_submodule
-from ..core.targets import select_targets
+from ..core.targets import select_targets, set_submodule
 from .bottleneck import ParallelAdapterWrapper, SequentialAdapterWrapper
 
 __all__ = ["apply_medsa"]

@@ -26,7 +26,7 @@ from torch import nn
 from ..core.base import AdapterModule, AdapterWrapper
 from ..core.config import MedSAConfig
 from ..core.hosts import HostIntegration, host_blocks
-from ..core.inject import set_submodule
+from ..core.targets import set_submodule
 from .bottleneck import BottleneckAdapter
 
 __all__ = ["SpaceDepthAttention", "VolumeInput", "apply_space_depth", "innermost", "volume_slices"]

@@ -10,12 +10,11 @@ from torch import nn
 
 from .base import AdapterModule, AdapterWrapper, adapter_modules
 from .config import AdapterConfig, get_method
-from .modules_to_save import _set_submodule, wrap_modules_to_save
+from .modules_to_save import wrap_modules_to_save
 
-__all__ = ["disable_adapters", "inject", "injected_configs", "remove_adapters", "set_submodule"]
+__all__ = ["disable_adapters", "inject", "injected_configs", "remove_adapters"]
 
 _RECORD = "_medadapt_record"
-set_submodule = _set_submodule
 
 
 @dataclass

@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from .base import AdapterWrapper
-from .targets import find_modules
+from .targets import find_modules, set_submodule
 
 __all__ = ["ModulesToSaveWrapper", "wrap_modules_to_save"]
 
@@ -44,12 +44,7 @@ def wrap_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
         for name, module in find_modules(model, [spec], "modules_to_save"):
             if isinstance(module, ModulesToSaveWrapper) or any(name.startswith(w + ".") for w in wrapped):
                 continue
-            _set_submodule(model, name, ModulesToSaveWrapper(module))
+            set_submodule(model, name, ModulesToSaveWrapper(module))
             wrapped.append(name)
     return wrapped
 
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["find_modules", "matches", "select_targets"]
+__all__ = ["find_modules", "matches", "select_targets", "set_submodule"]
 
 
 def matches(name: str, spec: str | list[str] | None) -> bool:
@@ -48,3 +48,10 @@ def find_modules(model: nn.Module, spec: str | list[str], field: str) -> list[tu
     if not found:
         raise ValueError(f"{field}={spec!r} matched no module of {type(model).__name__}")
     return found
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted) is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

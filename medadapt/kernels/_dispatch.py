@@ -13,7 +13,7 @@ import os
 
 import torch
 
-__all__ = ["kernel_backend", "triton_available", "interpret_mode"]
+__all__ = ["forced_backend", "kernel_backend", "triton_available", "interpret_mode"]
 
 _CHOICES = ("auto", "torch", "triton")
 
@@ -36,6 +36,14 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def forced_backend() -> str:
+    """``MEDADAPT_KERNELS`` as ``"auto"``, ``"torch"`` or ``"triton"`` (ValueError for anything else)."""
+    choice = os.environ.get("MEDADAPT_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"MEDADAPT_KERNELS must be one of {_CHOICES}, got {choice!r}")
+    return choice
+
+
 def kernel_backend(*tensors: torch.Tensor) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op on ``tensors``.
 
@@ -44,9 +52,7 @@ def kernel_backend(*tensors: torch.Tensor) -> str:
         ImportError: ``MEDADAPT_KERNELS=triton`` but Triton is missing (names the extra).
         RuntimeError: ``MEDADAPT_KERNELS=triton`` with CPU tensors outside interpreter mode.
     """
-    choice = os.environ.get("MEDADAPT_KERNELS", "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"MEDADAPT_KERNELS must be one of {_CHOICES}, got {choice!r}")
+    choice = forced_backend()
     if choice == "torch":
         return "torch"
     on_cuda = all(t.is_cuda for t in tensors if t is not None)

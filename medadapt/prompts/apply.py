@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from ..core.base import AdapterModule
-from ..core.inject import set_submodule
-from ..core.targets import select_targets
+from ..core.targets import select_targets, set_submodule
 from .clip_learner import CLIPPromptLearner, DeepVisualPrompts
 from .config import CILMPConfig
 from .representations import load_representations

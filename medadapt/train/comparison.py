@@ -21,7 +21,7 @@ from torch import nn
 
 from .._optional import require
 from .job import FinetuneResult
-from .objectives import _to_device, dice_sums
+from .objectives import dice_sums, to_device
 
 __all__ = ["class_box_overlap", "comparison_summary", "comparison_verdict", "save_comparison_curves",
            "whole_region_agreement", "whole_region_dice"]
@@ -86,7 +86,7 @@ def whole_region_agreement(model: nn.Module, batches: Sequence[dict], device: to
     model.eval()
     sums = counts = None
     for batch in batches:
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         target = batch["target"].bool()
         union = target.any(-3, keepdim=True).expand_as(target)
         s, c = dice_sums(model(batch)["logits"], union, batch["present"])

@@ -25,7 +25,7 @@ from ..core.io import save_adapter
 from ..core.params import trainable_parameters
 from .distributed import DistContext, barrier, make_train_loader, shard, wrap_ddp
 from .loop import History, fit
-from .objectives import PromptedSegmentationLoss, _to_device, evaluate
+from .objectives import PromptedSegmentationLoss, evaluate, to_device
 from .plots import save_curves, save_overlays
 from .prompted import PromptedSAM
 
@@ -133,7 +133,7 @@ def _predict_slices(model: PromptedSAM, batch: dict, count: int, device) -> dict
     """Predictions on an overlay batch, flattened to slices ``(S, K, H, W)``, ``count`` of them evenly picked."""
     was_training = model.training
     model.eval()
-    logits = model(_to_device(batch, device))["logits"].cpu()
+    logits = model(to_device(batch, device))["logits"].cpu()
     model.train(was_training)
     k, size = logits.shape[-3], logits.shape[-2:]
     images = batch["image"][:, 0]

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .._optional import require
 from .distributed import DistContext, broadcast_flag
-from .objectives import _to_device
+from .objectives import to_device
 
 __all__ = ["History", "fit", "train_step"]
 
@@ -40,7 +40,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                loss_fn: Callable[[dict, dict], torch.Tensor], device: torch.device | str = "cpu",
                grad_clip: float | None = None) -> float:
     """One optimiser step on ``batch``; returns the loss. ``model`` may be DDP-wrapped (gradients averaged)."""
-    batch = _to_device(batch, device)
+    batch = to_device(batch, device)
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(batch), batch)
     loss.backward()

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._optional import require
 
-__all__ = ["PromptedSegmentationLoss", "dice_sums", "evaluate"]
+__all__ = ["PromptedSegmentationLoss", "dice_sums", "evaluate", "to_device"]
 
 
 def _present_pairs(tensor: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], device: torch.device | s
     model.eval()
     sums = counts = None
     for batch in batches:
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         output = model(batch)
         s, c = dice_sums(output["logits"], batch["target"], batch["present"])
         sums, counts = (s, c) if sums is None else (sums + s, counts + c)
@@ -110,5 +110,6 @@ def evaluate(model: nn.Module, batches: Iterable[dict], device: torch.device | s
     return {"dice_per_class": per_class, "dice": sum(scored) / max(len(scored), 1), "pairs": counts.tolist()}
 
 
-def _to_device(batch: dict, device: torch.device | str) -> dict:
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """The batch with every tensor moved to ``device``."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

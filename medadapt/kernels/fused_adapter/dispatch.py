@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 import numbers
-import os
 
 import torch
 
-from .._dispatch import kernel_backend
+from .._dispatch import forced_backend, kernel_backend
 from .autograd import FusedAdapterTorchFunction, FusedAdapterTritonFunction
 from .reference import ACTIVATIONS
 
@@ -82,7 +81,7 @@ def fused_adapter_backend(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Ten
     dtype = _compute_dtype(x)
     if backend != "triton" or dtype not in _TRITON_DTYPES or w_down.shape[0] > MAX_TRITON_HIDDEN or x.numel() == 0:
         return "torch"
-    forced = os.environ.get("MEDADAPT_KERNELS", "").strip().lower() == "triton"
+    forced = forced_backend() == "triton"
     if dtype == torch.float32 and x.is_cuda and not forced and not torch.backends.cuda.matmul.allow_tf32:
         return "torch"
     return "triton"
