@@ -1,4 +1,4 @@
-"""Benchmark the selective scan: reference loop vs chunked torch path vs Triton vs mamba_ssm.
+"""Benchmark the selective scan: reference loop vs chunked torch path vs C kernel (CPU) vs Triton vs mamba_ssm.
 
 Inputs follow a Mamba block: u, z ~ N(0, 1); delta ~ 0.5 N(0, 1) with ``delta_bias`` from Mamba's dt
 init (dt log-uniform in [1e-3, 1e-1]) and softplus; A = −(1..N) per channel (S4D-real); variable
@@ -8,6 +8,7 @@ MB allocated during one call above what was allocated before it.
 
     python3 benchmarks/bench_selective_scan.py --out benchmarks/results          # CUDA: full sweep
     OMP_NUM_THREADS=1 python3 benchmarks/bench_selective_scan.py --quick        # CPU: small sweep
+    OMP_NUM_THREADS=2 python3 benchmarks/bench_selective_scan.py --quick --suffix _2threads
 
 Writes ``selective_scan_<device>.csv`` (one row per case, with device and versions) and a PNG plot
 (skipped without matplotlib) into ``--out``.
@@ -30,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import environment, peak_memory_mb, pyplot, time_ms, write_csv  # noqa: E402
 
 from medadapt.kernels.selective_scan import (  # noqa: E402
+    cpu_kernel_available,
+    selective_scan_cpu,
     selective_scan_reference,
     selective_scan_torch,
     selective_scan_triton,
@@ -50,6 +53,8 @@ def _mamba_ssm():
 
 def methods_for(device: torch.device, triton_configs=()) -> dict:
     found = {"reference": selective_scan_reference, "torch": selective_scan_torch}
+    if device.type == "cpu" and cpu_kernel_available():
+        found["cpu"] = selective_scan_cpu
     if device.type == "cuda":
         found["triton"] = selective_scan_triton
         for cfg in triton_configs:  # "DxT": block of D channels, chunk of T steps per program
@@ -174,12 +179,13 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
-    p.add_argument("--methods", nargs="+", choices=["reference", "torch", "triton", "mamba_ssm"])
+    p.add_argument("--methods", nargs="+", choices=["reference", "torch", "cpu", "triton", "mamba_ssm"])
     p.add_argument("--triton-configs", nargs="*", default=[], metavar="DxT",
                    help="extra Triton launch configs to time, e.g. 1x512 1x1024 2x256 (CUDA only)")
     p.add_argument("--ref-max-len", type=int, default=1024 if cuda else 4096,
                    help="skip the (slow) reference loop above this length")
     p.add_argument("--min-run-time", type=float, default=0.5, help="CPU timing budget per case (s)")
+    p.add_argument("--suffix", default="", help="appended to the CSV/PNG name, e.g. _2threads")
     p.add_argument("--quick", action="store_true",
                    help="small CPU sweep: L in {256, 1024, 4096}, d_inner 768")
     args = p.parse_args(argv)
@@ -192,7 +198,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     rows = run(args)
     tag = re.sub(r"[^A-Za-z0-9]+", "_", rows[0]["device"].split(" (")[0] if rows else args.device).strip("_")
-    csv_path = os.path.join(args.out, f"selective_scan_{tag}.csv")
+    csv_path = os.path.join(args.out, f"selective_scan_{tag}{args.suffix}.csv")
     write_csv(csv_path, rows)
     print("wrote", csv_path)
     png = csv_path[:-4] + ".png"

@@ -8,6 +8,7 @@ from ._dispatch import kernel_backend, triton_available
 from .fused_adapter import fused_adapter, fused_adapter_backend, fused_adapter_reference
 from .selective_scan import (
     selective_scan,
+    selective_scan_cpu,
     selective_scan_reference,
     selective_scan_torch,
     selective_scan_triton,
@@ -19,6 +20,7 @@ __all__ = [
     "fused_adapter_reference",
     "kernel_backend",
     "selective_scan",
+    "selective_scan_cpu",
     "selective_scan_reference",
     "selective_scan_torch",
     "selective_scan_triton",

@@ -1,8 +1,10 @@
 """Choosing between the Triton kernels and the torch paths.
 
 ``MEDADAPT_KERNELS=torch`` forces the torch path, ``MEDADAPT_KERNELS=triton`` forces Triton (on CPU
-tensors this needs ``TRITON_INTERPRET=1``, which is how CI runs the kernels); unset or ``auto`` picks
-Triton when every tensor is on CUDA and Triton imports, else torch.
+tensors this needs ``TRITON_INTERPRET=1``, which is how CI runs the kernels), ``MEDADAPT_KERNELS=cpu``
+forces the compiled CPU kernel where an op has one (the selective scan) and the torch path elsewhere;
+unset or ``auto`` picks Triton when every tensor is on CUDA and Triton imports, else the compiled CPU
+kernel where the op has one and it builds, else torch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 __all__ = ["forced_backend", "kernel_backend", "triton_available", "interpret_mode"]
 
-_CHOICES = ("auto", "torch", "triton")
+_CHOICES = ("auto", "torch", "triton", "cpu")
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,7 +39,7 @@ def interpret_mode() -> bool:
 
 
 def forced_backend() -> str:
-    """``MEDADAPT_KERNELS`` as ``"auto"``, ``"torch"`` or ``"triton"`` (ValueError for anything else)."""
+    """``MEDADAPT_KERNELS`` as ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpu"`` (ValueError otherwise)."""
     choice = os.environ.get("MEDADAPT_KERNELS", "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
         raise ValueError(f"MEDADAPT_KERNELS must be one of {_CHOICES}, got {choice!r}")
@@ -45,7 +47,8 @@ def forced_backend() -> str:
 
 
 def kernel_backend(*tensors: torch.Tensor) -> str:
-    """Return ``"triton"`` or ``"torch"`` for an op on ``tensors``.
+    """Return ``"triton"`` or ``"torch"`` for an op on ``tensors`` (``"torch"`` also under
+    ``MEDADAPT_KERNELS=cpu``: ops with a compiled CPU kernel check for it themselves).
 
     Raises:
         ValueError: ``MEDADAPT_KERNELS`` holds an unknown value.
@@ -53,7 +56,7 @@ def kernel_backend(*tensors: torch.Tensor) -> str:
         RuntimeError: ``MEDADAPT_KERNELS=triton`` with CPU tensors outside interpreter mode.
     """
     choice = forced_backend()
-    if choice == "torch":
+    if choice in ("torch", "cpu"):
         return "torch"
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if choice == "triton":

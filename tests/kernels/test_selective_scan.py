@@ -8,52 +8,10 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from scan_helpers import F64, NAMES, LargestTensor, make_inputs, run_with_grads
 
 from medadapt.kernels import selective_scan, selective_scan_reference
-from medadapt.kernels.selective_scan import selective_scan_torch
-
-F64 = torch.float64
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-
-
-def make_inputs(batch=2, dim=6, length=37, n=5, b_layout="var", c_layout="var", dtype=F64, seed=0,
-                a_scale=2.0, delta_scale=0.5):
-    """Random scan inputs; layouts: "fixed" (D, N), "var" (B, N, L) or an int G for (B, G, N, L)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=F64) * scale).to(dtype)
-
-    def bc(layout):
-        if layout == "fixed":
-            return rnd(dim, n)
-        if layout == "var":
-            return rnd(batch, n, length)
-        return rnd(batch, layout, n, length)
-
-    return {
-        "u": rnd(batch, dim, length), "delta": rnd(batch, dim, length, scale=delta_scale),
-        "A": (-torch.rand(dim, n, generator=gen, dtype=F64) * a_scale).to(dtype),
-        "B": bc(b_layout), "C": bc(c_layout), "D": rnd(dim), "z": rnd(batch, dim, length),
-        "delta_bias": rnd(dim, scale=0.3), "initial_state": rnd(batch, dim, n),
-    }
-
-
-def run_with_grads(fn, inputs, softplus=True, **kwargs):
-    """Output, last state and the gradients of a fixed random loss w.r.t. every given tensor."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
-    out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], leaves.get("D"),
-                   leaves.get("z"), leaves.get("delta_bias"), softplus, True,
-                   initial_state=leaves.get("initial_state"), **kwargs)
-    gen = torch.Generator().manual_seed(123)
-    w_out = torch.randn(out.shape, generator=gen, dtype=F64).to(out.dtype)
-    w_last = torch.randn(last.shape, generator=gen, dtype=F64).to(last.dtype)
-    loss = (out.to(F64) * w_out.to(F64)).sum() + (last.to(F64) * w_last.to(F64)).sum()
-    names = list(leaves)
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names])
-    return out, last, dict(zip(names, grads))
-
+from medadapt.kernels.selective_scan import selective_scan_cpu, selective_scan_torch
 
 # ----------------------------------------------------------------------------- reference facts
 
@@ -202,24 +160,11 @@ def test_torch_path_low_precision(dtype, rtol, atol):
         torch.testing.assert_close(got[2][name], ref[2][name], rtol=rtol, atol=atol, msg=name)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_torch_path_never_materialises_the_state_sequence():
     """No tensor of B·D·L·N elements, forward or backward: only chunk-sized state buffers."""
     x = make_inputs(batch=1, dim=8, length=512, n=4, dtype=torch.float32)
     leaves = {k: v.requires_grad_(True) for k, v in x.items()}
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         out = selective_scan_torch(*(leaves[k] for k in NAMES[:8]), True, max_chunk=16)
         out.sum().backward()
     assert mode.largest <= 8 * 512  # (B, L, D) copies at most; the full state sequence would be 16384
@@ -244,7 +189,7 @@ def test_torch_path_never_materialises_the_state_sequence():
     (lambda x: x.update(C=x["C"].to(torch.int16)), "C"),
     (lambda x: x.update(u=x["u"][0]), "u"),
 ])
-@pytest.mark.parametrize("fn", [selective_scan, selective_scan_reference, selective_scan_torch])
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_reference, selective_scan_torch, selective_scan_cpu])
 def test_bad_inputs_raise_value_error_naming_argument(change, name, fn):
     x = make_inputs()
     change(x)
@@ -255,18 +200,23 @@ def test_bad_inputs_raise_value_error_naming_argument(change, name, fn):
 def test_dispatch_honours_medadapt_kernels(monkeypatch):
     pkg = importlib.import_module("medadapt.kernels.selective_scan")
     calls = []
-    monkeypatch.setattr(pkg, "selective_scan_torch", lambda *a, **k: calls.append("torch"))
-    monkeypatch.setattr(pkg, "selective_scan_triton", lambda *a, **k: calls.append("triton"))
+    for name in ("torch", "triton", "cpu"):
+        monkeypatch.setattr(pkg, f"selective_scan_{name}", lambda *a, _n=name, **k: calls.append(_n))
     x = make_inputs(batch=1, dim=2, length=3, n=2)
     args = [x[k] for k in ("u", "delta", "A", "B", "C")]
+    fixed_b = [x["u"], x["delta"], x["A"], x["A"].clone(), x["C"]]
     monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
-    selective_scan(*args)  # CPU tensors, auto -> torch
+    selective_scan(*args)  # CPU tensors, auto -> the C kernel where it builds, else torch
+    selective_scan(*fixed_b)  # fixed B: the C kernel does not take it -> torch
     monkeypatch.setenv("MEDADAPT_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     selective_scan(*args)
     monkeypatch.setenv("MEDADAPT_KERNELS", "torch")
     selective_scan(*args)
-    assert calls == ["torch", "triton", "torch"]
+    monkeypatch.setenv("MEDADAPT_KERNELS", "cpu")
+    selective_scan(*args)
+    auto = "cpu" if pkg.cpu_kernel_available() else "torch"
+    assert calls == [auto, "torch", "triton", "torch", "cpu"]
     monkeypatch.setenv("MEDADAPT_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

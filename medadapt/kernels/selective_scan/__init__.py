@@ -1,4 +1,4 @@
-"""Selective scan (Mamba-1): reference loop, chunked torch path, Triton kernel, dispatch.
+"""Selective scan (Mamba-1): reference loop, chunked torch path, compiled CPU kernel, Triton kernel, dispatch.
 
 ``selective_scan`` has the semantics of ``mamba_ssm``'s ``selective_scan_fn`` (METHODS.md §4)::
 
@@ -8,23 +8,28 @@
 
 Layers (DESIGN.md "Kernels: four layers per op"): ``selective_scan_reference`` (sequential definition),
 ``selective_scan_triton`` (Triton forward/backward kernels, Triton imported lazily),
+``selective_scan_cpu`` (fused C kernel, built on first use with the system compiler; variable B/C),
 ``selective_scan_torch`` (chunked closed form, any device) and the dispatcher ``selective_scan``:
-CUDA tensors with Triton importable → Triton, otherwise torch; ``MEDADAPT_KERNELS=torch|triton`` forces.
+CUDA tensors with Triton importable → Triton; CPU tensors with variable B/C and a C compiler → the C
+kernel; otherwise torch. ``MEDADAPT_KERNELS=torch|triton|cpu`` forces.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._dispatch import kernel_backend
-from ._validate import MAX_D_STATE, check_scan_inputs
+from .._dispatch import forced_backend, kernel_backend
+from ._validate import MAX_D_STATE, bc_groups, check_scan_inputs
+from .cpu_scan import cpu_kernel_available, selective_scan_cpu
 from .reference import selective_scan_reference
 from .torch_scan import selective_scan_torch
 from .triton_scan import selective_scan_triton
 
 __all__ = [
     "MAX_D_STATE",
+    "cpu_kernel_available",
     "selective_scan",
+    "selective_scan_cpu",
     "selective_scan_reference",
     "selective_scan_torch",
     "selective_scan_triton",
@@ -65,10 +70,24 @@ def selective_scan(
         ``last_state``.
 
     Raises:
-        ValueError: mismatched shapes, D not divisible by the groups, ``N > 256``, non-float dtypes.
+        ValueError: mismatched shapes, D not divisible by the groups, ``N > 256``, non-float dtypes
+            (and, under ``MEDADAPT_KERNELS=cpu``, CUDA tensors or a fixed B/C).
+        RuntimeError: ``MEDADAPT_KERNELS=cpu`` where the C kernel cannot be built (says why).
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if kernel_backend(u, delta, A, B, C, D, z, delta_bias, initial_state) == "triton":
         return selective_scan_triton(*args, initial_state=initial_state)
+    if _use_cpu_kernel(u, B, C):
+        return selective_scan_cpu(*args, initial_state=initial_state)
     return selective_scan_torch(*args, initial_state=initial_state)
+
+
+def _use_cpu_kernel(u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> bool:
+    """The C kernel for CPU tensors: always under ``MEDADAPT_KERNELS=cpu`` (its errors then surface),
+    under ``auto`` when B and C are variable and the kernel builds here."""
+    choice = forced_backend()
+    if choice == "cpu":
+        return True
+    return (choice == "auto" and u.device.type == "cpu" and bc_groups(B) > 0 and bc_groups(C) > 0
+            and cpu_kernel_available())

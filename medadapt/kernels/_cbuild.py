@@ -1,0 +1,108 @@
+"""Building and loading the small C kernels (the CPU selective scan) on first use.
+
+The source is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``)
+into ``$MEDADAPT_CACHE_DIR`` (default ``~/.cache/medadapt/kernels``), under a name hashed from the
+source, the flags, the compiler and the CPU (``-march=native`` code is only valid where it was built).
+The library is written to a temporary file and renamed into place, so concurrent first uses (pytest
+workers, DDP ranks) never load a half-written file. No compiler, or a failed build, is not an error:
+``load_library`` returns ``None`` and records why (``build_error``); callers fall back to torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+__all__ = ["cache_dir", "find_compiler", "load_library", "build_error"]
+
+# the second set where -march=native is refused
+_FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=fast", "-Wno-psabi"], ["-O3", "-ffp-contract=fast", "-Wno-psabi"])
+_errors: dict[str, str] = {}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$MEDADAPT_CACHE_DIR`` or ``~/.cache/medadapt/kernels``."""
+    root = os.environ.get("MEDADAPT_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "medadapt" / "kernels"
+
+
+def find_compiler() -> str | None:
+    """``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"]) or os.environ["CC"]
+    for name in ("cc", "gcc", "clang"):
+        if (path := shutil.which(name)) is not None:
+            return path
+    return None
+
+
+def _cpu_signature() -> str:
+    """Model and feature flags of this CPU (what ``-march=native`` depends on)."""
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    text += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return text
+
+
+def build_error(name: str) -> str | None:
+    """Why ``load_library(name, ...)`` returned ``None`` (``None`` if it did not)."""
+    return _errors.get(name)
+
+
+@functools.cache
+def load_library(name: str, source: str) -> ctypes.CDLL | None:
+    """Compile ``source`` (a C file; headers beside it) into a shared library, cached, and load it.
+
+    Returns ``None`` when there is no compiler or the build fails; ``build_error(name)`` says why.
+    """
+    src = Path(source)
+    compiler = find_compiler()
+    if compiler is None:
+        _errors[name] = "no C compiler found (set CC, or install gcc/clang)"
+        return None
+    code = b"".join(p.read_bytes() for p in sorted(src.parent.glob("*.[ch]")))
+    last_error = ""
+    for flags in _FLAG_SETS:
+        args = [*flags, "-std=c99", "-fPIC", "-shared"]
+        key = hashlib.sha256(code + repr((compiler, args)).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        target = cache_dir() / f"{name}-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            try:
+                run = subprocess.run([compiler, *args, "-o", tmp, str(src), "-lm"], capture_output=True, text=True)
+                if run.returncode != 0:
+                    last_error = f"{compiler} {' '.join(args)} failed: {run.stderr.strip()[-400:]}"
+                    continue
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, target)
+            except OSError as err:
+                last_error = f"could not build {name} in {target.parent}: {err}"
+                continue
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError as err:
+            last_error = f"could not load {target}: {err}"
+    _errors[name] = last_error
+    return None
