@@ -66,6 +66,23 @@ def build_error(name: str) -> str | None:
     return _errors.get(name)
 
 
+def _compile(compiler: str, args: list[str], src: Path, target: Path) -> None:
+    """Compile into a temporary file beside ``target``, then rename it into place (atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([compiler, *args, "-o", tmp, str(src), "-lm"], capture_output=True, text=True,
+                             timeout=300)
+        if run.returncode != 0:
+            raise OSError(f"{compiler} {' '.join(args)} failed: {run.stderr.strip()[-400:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @functools.cache
 def load_library(name: str, source: str) -> ctypes.CDLL | None:
     """Compile ``source`` (a C file; headers beside it) into a shared library, cached, and load it.
@@ -83,26 +100,11 @@ def load_library(name: str, source: str) -> ctypes.CDLL | None:
         args = [*flags, "-std=c99", "-fPIC", "-shared"]
         key = hashlib.sha256(code + repr((compiler, args)).encode() + _cpu_signature().encode()).hexdigest()[:16]
         target = cache_dir() / f"{name}-{key}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                run = subprocess.run([compiler, *args, "-o", tmp, str(src), "-lm"], capture_output=True, text=True)
-                if run.returncode != 0:
-                    last_error = f"{compiler} {' '.join(args)} failed: {run.stderr.strip()[-400:]}"
-                    continue
-                os.chmod(tmp, 0o755)
-                os.replace(tmp, target)
-            except OSError as err:
-                last_error = f"could not build {name} in {target.parent}: {err}"
-                continue
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         try:
+            if not target.exists():
+                _compile(compiler, args, src, target)
             return ctypes.CDLL(str(target))
-        except OSError as err:
-            last_error = f"could not load {target}: {err}"
+        except (OSError, subprocess.SubprocessError) as err:
+            last_error = f"could not build or load {name} ({target}): {err}"
     _errors[name] = last_error
     return None

@@ -122,8 +122,8 @@ def test_no_compiler_means_no_kernel_and_a_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("MEDADAPT_CACHE_DIR", str(tmp_path))
     source = _cbuild.Path(__file__).parents[2] / "medadapt/kernels/selective_scan/csrc/scan_cpu.c"
     assert _cbuild.load_library("scan_cpu_without_cc", str(source)) is None
-    assert "failed" in _cbuild.build_error("scan_cpu_without_cc") or "could not" in _cbuild.build_error(
-        "scan_cpu_without_cc")
+    assert "could not build" in _cbuild.build_error("scan_cpu_without_cc")
+    assert "no-such-cc" in _cbuild.build_error("scan_cpu_without_cc")
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
 
 
@@ -134,3 +134,12 @@ def test_build_is_cached_and_written_atomically(tmp_path, monkeypatch):
     assert lib is not None and hasattr(lib, "scan_fwd_f32") and hasattr(lib, "scan_bwd_f64")
     built = sorted(tmp_path.glob("scan_cpu_cache_test-*.so"))
     assert len(built) == 1 and not [p for p in tmp_path.iterdir() if p not in built]
+
+
+def test_unwritable_cache_dir_falls_back_with_a_reason(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MEDADAPT_CACHE_DIR", str(blocker / "kernels"))
+    source = _cbuild.Path(__file__).parents[2] / "medadapt/kernels/selective_scan/csrc/scan_cpu.c"
+    assert _cbuild.load_library("scan_cpu_unwritable", str(source)) is None
+    assert _cbuild.build_error("scan_cpu_unwritable")
