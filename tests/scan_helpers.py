@@ -12,12 +12,12 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
 def make_inputs(batch=2, dim=6, length=37, n=5, b_layout="var", c_layout="var", dtype=F64, seed=0,
-                a_scale=2.0, delta_scale=0.5):
+                a_scale=2.0, delta_scale=0.5, device="cpu"):
     """Random scan inputs; layouts: "fixed" (D, N), "var" (B, N, L) or an int G for (B, G, N, L)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=F64) * scale).to(dtype)
+        return (torch.randn(*shape, generator=gen, dtype=F64) * scale).to(dtype=dtype, device=device)
 
     def bc(layout):
         if layout == "fixed":
@@ -28,7 +28,7 @@ def make_inputs(batch=2, dim=6, length=37, n=5, b_layout="var", c_layout="var", 
 
     return {
         "u": rnd(batch, dim, length), "delta": rnd(batch, dim, length, scale=delta_scale),
-        "A": (-torch.rand(dim, n, generator=gen, dtype=F64) * a_scale).to(dtype),
+        "A": (-torch.rand(dim, n, generator=gen, dtype=F64) * a_scale).to(dtype=dtype, device=device),
         "B": bc(b_layout), "C": bc(c_layout), "D": rnd(dim), "z": rnd(batch, dim, length),
         "delta_bias": rnd(dim, scale=0.3), "initial_state": rnd(batch, dim, n),
     }
@@ -41,8 +41,8 @@ def run_with_grads(fn, inputs, softplus=True, **kwargs):
                    leaves.get("z"), leaves.get("delta_bias"), softplus, True,
                    initial_state=leaves.get("initial_state"), **kwargs)
     gen = torch.Generator().manual_seed(123)
-    w_out = torch.randn(out.shape, generator=gen, dtype=F64).to(out.dtype)
-    w_last = torch.randn(last.shape, generator=gen, dtype=F64).to(last.dtype)
+    w_out = torch.randn(out.shape, generator=gen, dtype=F64).to(dtype=out.dtype, device=out.device)
+    w_last = torch.randn(last.shape, generator=gen, dtype=F64).to(dtype=last.dtype, device=last.device)
     loss = (out.to(F64) * w_out.to(F64)).sum() + (last.to(F64) * w_last.to(F64)).sum()
     names = list(leaves)
     grads = torch.autograd.grad(loss, [leaves[k] for k in names])

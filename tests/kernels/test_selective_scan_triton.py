@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 
 import pytest
+import scan_helpers
 import torch
+from scan_helpers import F64, NAMES, run_with_grads
 
 from medadapt.kernels import selective_scan, selective_scan_reference
 from medadapt.kernels._dispatch import interpret_mode, triton_available
@@ -22,40 +24,11 @@ pytestmark = pytest.mark.skipif(
     reason="needs Triton and CUDA or TRITON_INTERPRET=1",
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-F64 = torch.float64
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
 def make_inputs(b_layout="var", c_layout="var", dtype=F64, batch=2, dim=5, length=37, n=4, seed=0):
-    """Random inputs; layouts: "fixed" (D, N), "var" (B, N, L) or an int G for (B, G, N, L)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=F64) * scale).to(dtype).to(DEVICE)
-
-    def bc(layout):
-        return {"fixed": lambda: rnd(dim, n), "var": lambda: rnd(batch, n, length)}.get(
-            layout, lambda: rnd(batch, layout, n, length))()
-
-    return {
-        "u": rnd(batch, dim, length), "delta": rnd(batch, dim, length, scale=0.5),
-        "A": (-torch.rand(dim, n, generator=gen, dtype=F64) * 2).to(dtype).to(DEVICE),
-        "B": bc(b_layout), "C": bc(c_layout), "D": rnd(dim), "z": rnd(batch, dim, length),
-        "delta_bias": rnd(dim, scale=0.3), "initial_state": rnd(batch, dim, n),
-    }
-
-
-def run_with_grads(fn, inputs, softplus=True, **kwargs):
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
-    out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], leaves.get("D"),
-                   leaves.get("z"), leaves.get("delta_bias"), softplus, True,
-                   initial_state=leaves.get("initial_state"), **kwargs)
-    gen = torch.Generator().manual_seed(123)
-    w_out = torch.randn(out.shape, generator=gen, dtype=F64).to(out.device)
-    w_last = torch.randn(last.shape, generator=gen, dtype=F64).to(out.device)
-    loss = (out.to(F64) * w_out).sum() + (last.to(F64) * w_last).sum()
-    names = list(leaves)
-    return out, last, dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+    """Random inputs on DEVICE; layouts: "fixed" (D, N), "var" (B, N, L) or an int G for (B, G, N, L)."""
+    return scan_helpers.make_inputs(batch, dim, length, n, b_layout, c_layout, dtype, seed, device=DEVICE)
 
 
 def assert_matches_reference(x, rtol, atol, softplus=True, block_t=16, **kwargs):
