@@ -38,6 +38,13 @@ def test_cpu_kernel_matches_reference_float64_all_gradients(b_layout, c_layout, 
     assert_close_to_reference(x, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch,dim,length,n", [(1, 1, 1, 1), (1, 17, 64, 256), (3, 16, 65, 2), (1, 33, 129, 7)])
+def test_cpu_kernel_edge_sizes(batch, dim, length, n):
+    """One step / one channel / one state; N at its maximum; exactly one chunk; one step past a chunk."""
+    x = make_inputs(batch=batch, dim=dim, length=length, n=n)
+    assert_close_to_reference(x, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("optional", [(), ("D",), ("z",), ("delta_bias",), ("initial_state",)])
 @pytest.mark.parametrize("softplus", [False, True])
 def test_cpu_kernel_optional_arguments(optional, softplus):
