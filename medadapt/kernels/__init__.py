@@ -1,7 +1,8 @@
 """Kernels: per op a plain-torch reference, a Triton kernel, an autograd.Function and a dispatcher.
 
 Importable with torch alone; Triton is imported lazily when a kernel runs on it.
-``MEDADAPT_KERNELS=torch|triton`` forces a path (see ``_dispatch``).
+``MEDADAPT_KERNELS=torch|triton|cpu`` forces a path (see ``_dispatch``); the selective scan also has a
+fused C kernel for CPU tensors, compiled on first use (``_cbuild``).
 """
 
 from ._dispatch import kernel_backend, triton_available
