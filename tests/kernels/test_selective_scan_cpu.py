@@ -150,3 +150,29 @@ def test_unwritable_cache_dir_falls_back_with_a_reason(tmp_path, monkeypatch):
     source = _cbuild.Path(__file__).parents[2] / "medadapt/kernels/selective_scan/csrc/scan_cpu.c"
     assert _cbuild.load_library("scan_cpu_unwritable", str(source)) is None
     assert _cbuild.build_error("scan_cpu_unwritable")
+
+
+def _scan_in_child(queue):
+    torch.set_num_threads(2)
+    x = make_inputs(batch=1, dim=40, length=50, n=4, dtype=torch.float32)
+    queue.put(selective_scan_cpu(*(x[k] for k in NAMES[:5])).sum().item())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_cpu_kernel_runs_in_a_forked_child_after_the_parent_used_threads():
+    import multiprocessing
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = make_inputs(batch=1, dim=40, length=50, n=4, dtype=torch.float32)
+        want = selective_scan_cpu(*(x[k] for k in NAMES[:5])).sum().item()  # the parent's pool now exists
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_scan_in_child, args=(queue,))
+        child.start()
+        got = queue.get(timeout=60)  # a pool inherited without its threads would hang here
+        child.join(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert got == pytest.approx(want, rel=1e-6)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import math
-from concurrent.futures import ThreadPoolExecutor
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 _FWD_ARGS = [_P] * 3 + [_I] + [_P] * 9 + [_I] * 8
 _BWD_ARGS = [_P] * 3 + [_I] + [_P] * 16 + [_I] * 8
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 
 
 def _library() -> ctypes.CDLL | None:
@@ -60,27 +62,31 @@ def _require_library() -> ctypes.CDLL:
     return lib
 
 
-def _run_tiles(fn, fixed_args: list, tiles: int, per_call_outputs=None) -> None:
-    """Call ``fn(*fixed_args, begin, end)`` over ``[0, tiles)`` split across torch's thread count.
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of at least ``workers`` threads, made anew in a forked child (its parent's threads are gone)."""
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < workers:
+        _pool, _pool_pid = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medadapt-scan"), os.getpid()
+    return _pool
 
-    ``per_call_outputs(i)`` gives the extra leading pointer arguments of call ``i`` (private
-    accumulators), inserted before ``fixed_args``' tail; None when every call shares the outputs.
-    """
-    global _pool
+
+def _run_tiles(fn, args: list, tiles: int, args_for=None) -> None:
+    """Run ``fn(*args, begin, end)`` over ``[0, tiles)`` split into ``torch.get_num_threads()`` ranges,
+    one per thread (the calling thread takes the first). ``args_for(i)``, when given, is the argument
+    list of range ``i`` instead of ``args`` (private accumulators per call)."""
     workers = _workers(tiles)
     bounds = [tiles * i // workers for i in range(workers + 1)]
 
     def call(i):
-        args = fixed_args if per_call_outputs is None else per_call_outputs(i, fixed_args)
-        if fn(*args, bounds[i], bounds[i + 1]) != 0:
+        if fn(*(args if args_for is None else args_for(i)), bounds[i], bounds[i + 1]) != 0:
             raise MemoryError("the CPU selective-scan kernel could not allocate its work buffers")
 
-    if workers == 1:
+    others = [_thread_pool(workers - 1).submit(call, i) for i in range(1, workers)] if workers > 1 else []
+    try:
         call(0)
-        return
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medadapt-scan")
-    for f in [_pool.submit(call, i) for i in range(workers)]:
+    finally:
+        wait(others)  # never leave a call writing into buffers the caller may free
+    for f in others:
         f.result()
 
 
@@ -164,10 +170,10 @@ class SelectiveScanCpuFn(torch.autograd.Function):
         head += [_ptr(t) for t in (Ac, Bv, Cv, Dc, zc, ckpt, dout, dlast, du, ddelta, dz, dA_rows, dD_rows)]
         tail = [_ptr(dh0)] + geo.sizes()
 
-        def with_private_accumulators(i, _):  # dB, dC sum over the channels of a group: one copy per thread
+        def with_private_accumulators(i):  # dB, dC sum over the channels of a group: one copy per thread
             return head + [dB[i].data_ptr(), dC[i].data_ptr()] + tail
 
-        _run_tiles(getattr(lib, f"scan_bwd_{_suffix(cdt)}"), head, geo.tiles, with_private_accumulators)
+        _run_tiles(getattr(lib, f"scan_bwd_{_suffix(cdt)}"), [], geo.tiles, with_private_accumulators)
         return (
             du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype),
             dB.sum(0).reshape(B.shape).to(B.dtype), dC.sum(0).reshape(C.shape).to(C.dtype),
