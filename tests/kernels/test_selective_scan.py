@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from scan_helpers import F64, NAMES, LargestTensor, make_inputs, run_with_grads
 
 from medadapt.kernels import selective_scan, selective_scan_reference
-from medadapt.kernels.selective_scan import selective_scan_cpu, selective_scan_torch
+from medadapt.kernels.selective_scan import cpu_kernel_available, selective_scan_cpu, selective_scan_torch
+
+
+# the C kernel (variable B/C only) where it builds; METHODS.md §4 facts hold for it exactly as for the others
+def cpu_kernel(*more):
+    return pytest.param(selective_scan_cpu, *more, marks=pytest.mark.skipif(not cpu_kernel_available(),
+                                                                            reason="no C compiler"))
 
 # ----------------------------------------------------------------------------- reference facts
 
@@ -27,28 +33,31 @@ def test_length_one_closed_form():
     torch.testing.assert_close(out[..., 0], expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("fn", [selective_scan_reference, selective_scan_torch])
+@pytest.mark.parametrize("fn", [selective_scan_reference, selective_scan_torch, cpu_kernel()])
 def test_zero_step_gives_skip_only(fn):
     x = make_inputs()
     out = fn(x["u"], torch.zeros_like(x["delta"]), x["A"], x["B"], x["C"], x["D"])
     torch.testing.assert_close(out, x["D"][:, None] * x["u"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fn", [selective_scan_reference, selective_scan_torch])
-def test_split_and_carry_state_equals_full_run(fn):
-    x = make_inputs(length=41, b_layout=3, c_layout="fixed")
+@pytest.mark.parametrize("fn,c_layout", [(selective_scan_reference, "fixed"), (selective_scan_torch, "fixed"),
+                                         (selective_scan_reference, 2), cpu_kernel(2)])
+def test_split_and_carry_state_equals_full_run(fn, c_layout):
+    x = make_inputs(length=41, b_layout=3, c_layout=c_layout)
     full, last = fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, True)
     s = 17
-    part = {k: (v[..., :s], v[..., s:]) for k, v in x.items() if k in ("u", "delta", "z", "B")}
-    first, mid = fn(part["u"][0], part["delta"][0], x["A"], part["B"][0], x["C"], x["D"], part["z"][0],
+    part = {k: (v[..., :s], v[..., s:]) for k, v in x.items() if k in ("u", "delta", "z", "B", "C")}
+    c_parts = part["C"] if c_layout != "fixed" else (x["C"], x["C"])
+    first, mid = fn(part["u"][0], part["delta"][0], x["A"], part["B"][0], c_parts[0], x["D"], part["z"][0],
                     x["delta_bias"], True, True)
-    second, last2 = fn(part["u"][1], part["delta"][1], x["A"], part["B"][1], x["C"], x["D"], part["z"][1],
+    second, last2 = fn(part["u"][1], part["delta"][1], x["A"], part["B"][1], c_parts[1], x["D"], part["z"][1],
                        x["delta_bias"], True, True, initial_state=mid)
     torch.testing.assert_close(torch.cat([first, second], -1), full, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(last2, last, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("fn,tol", [(selective_scan_reference, 0.0), (selective_scan_torch, 1e-13)])
+@pytest.mark.parametrize("fn,tol", [(selective_scan_reference, 0.0), (selective_scan_torch, 1e-13),
+                                    cpu_kernel(0.0)])
 def test_causal(fn, tol):
     """Perturbing step t0 leaves steps t < t0 unchanged (the torch path: up to rounding, because each
     chunk's exponents are centred on that chunk's own steps)."""
@@ -66,9 +75,10 @@ def test_causal(fn, tol):
     assert (moved[..., t0:] - base[..., t0:]).abs().amax() > 1e-3
 
 
-@pytest.mark.parametrize("fn", [selective_scan_reference, selective_scan_torch])
-def test_delta_bias_softplus_equals_precomputed_delta(fn):
-    x = make_inputs(b_layout="fixed", c_layout=2)
+@pytest.mark.parametrize("fn,b_layout", [(selective_scan_reference, "fixed"), (selective_scan_torch, "fixed"),
+                                         cpu_kernel(3)])
+def test_delta_bias_softplus_equals_precomputed_delta(fn, b_layout):
+    x = make_inputs(b_layout=b_layout, c_layout=2)
     args = (x["A"], x["B"], x["C"], x["D"], x["z"])
     with_bias = fn(x["u"], x["delta"], *args, delta_bias=x["delta_bias"], delta_softplus=True)
     pre = F.softplus(x["delta"] + x["delta_bias"][:, None])
