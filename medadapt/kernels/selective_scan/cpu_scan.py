@@ -102,9 +102,8 @@ def _ptr(t: torch.Tensor | None):
 def _compute_copies(cdt: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Each tensor contiguous in ``cdt`` (no copy when it already is); B and C (4th, 5th) as
     ``(B, G, N, L)``."""
-    out = [None if t is None else t.to(cdt).contiguous() for t in tensors]
-    out[3], out[4] = _bc_var(tensors[3], cdt), _bc_var(tensors[4], cdt)
-    return out
+    return [_bc_var(t, cdt) if i in (3, 4) else None if t is None else t.to(cdt).contiguous()
+            for i, t in enumerate(tensors)]
 
 
 def _suffix(cdt: torch.dtype) -> str:

@@ -87,12 +87,6 @@ static inline vf64 exp2_f64(vf64 x) {
     return r;
 }
 
-static inline vf64 exp_f64(vf64 x) {
-    vf64 r;
-    for (int k = 0; k < LANES; ++k) r[k] = exp(x[k]);
-    return r;
-}
-
 static inline vf64 softplus_f64(vf64 x) {
     vf64 r;
     for (int k = 0; k < LANES; ++k) r[k] = (x[k] > 0 ? x[k] : 0) + log1p(exp(-fabs(x[k])));
@@ -114,7 +108,6 @@ static inline double hsum_f64(vf64 v) {
 #define REAL float
 #define VEC vf32
 #define FN(name) name##_f32
-#define EXP(v) exp_f32(v)
 #define EXP2(v) exp2_f32(v)
 #define SOFTPLUS(v) softplus_f32(v)
 #define SIGMOID(v) sigmoid_f32(v)
@@ -123,7 +116,6 @@ static inline double hsum_f64(vf64 v) {
 #undef REAL
 #undef VEC
 #undef FN
-#undef EXP
 #undef EXP2
 #undef SOFTPLUS
 #undef SIGMOID
@@ -132,7 +124,6 @@ static inline double hsum_f64(vf64 v) {
 #define REAL double
 #define VEC vf64
 #define FN(name) name##_f64
-#define EXP(v) exp_f64(v)
 #define EXP2(v) exp2_f64(v)
 #define SOFTPLUS(v) softplus_f64(v)
 #define SIGMOID(v) sigmoid_f64(v)

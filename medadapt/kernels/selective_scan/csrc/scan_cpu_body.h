@@ -1,5 +1,5 @@
 /* Body of scan_cpu.c for one floating type: REAL, its LANES-wide vector VEC, FN(name) names the
- * functions; EXP (e^v), EXP2 (2^v), SOFTPLUS, SIGMOID work lane-wise, HSUM(v) sums the lanes. Blocks are [step] VECs. */
+ * functions; EXP2 (2^v), SOFTPLUS, SIGMOID work lane-wise, HSUM(v) sums the lanes. Blocks are [step] VECs. */
 
 /* Which channels a tile covers: batch row b, first channel d0, w <= LANES channels. */
 static void FN(tile_of)(int64_t tile, int64_t dim, int64_t seg, int64_t *b, int64_t *d0, int64_t *w) {
