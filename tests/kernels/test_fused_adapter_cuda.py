@@ -52,25 +52,58 @@ def test_sam_widths_bf16(width, hidden, monkeypatch):
     _check(*_problem((3, 37, 41), width, hidden))
 
 
+@pytest.mark.parametrize("dx_mode", ["kernel", "gemm"])
 @pytest.mark.parametrize("width,hidden", [(768, 192), (1280, 320)])
-def test_every_tile_configuration(width, hidden, monkeypatch):
-    from medadapt.kernels.fused_adapter import triton_launch
-
-    monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
-    tensors, grad = _problem((2, 23, 29), width, hidden, seed=1)
+def test_every_tile_configuration(width, hidden, dx_mode, monkeypatch):
+    """Each tile shape the autotuner may pick for this hidden width, with dx in the kernel or as a GEMM."""
     from triton.runtime.errors import OutOfResources
 
-    fwd_configs, bwd_configs = list(triton_launch._fwd.configs), list(triton_launch._bwd.configs)
+    from medadapt.kernels.fused_adapter import triton_launch
+    from medadapt.kernels.fused_adapter.triton_kernels import hidden_split
+
+    monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
+    monkeypatch.setattr(triton_launch, "DX_MODE", dx_mode)
+    tensors, grad = _problem((2, 23, 29), width, hidden, seed=1)
+    bwd = triton_launch._bwd_dx if dx_mode == "kernel" else triton_launch._bwd
+
+    def fitting(tuner):
+        width_held = sum(hidden_split(hidden))
+        return [triton_launch._untagged(c) for c in tuner.configs if width_held <= c.kwargs["MAX_HIDDEN"]]
+
+    fwd_configs, bwd_configs = fitting(triton_launch._fwd), fitting(bwd)
     ran = 0
     for i in range(max(len(fwd_configs), len(bwd_configs))):
         monkeypatch.setattr(triton_launch._fwd, "configs", [fwd_configs[i % len(fwd_configs)]])
-        monkeypatch.setattr(triton_launch._bwd, "configs", [bwd_configs[i % len(bwd_configs)]])
+        monkeypatch.setattr(bwd, "configs", [bwd_configs[i % len(bwd_configs)]])
+        monkeypatch.setattr(triton_launch, "_chosen", {})  # the launcher's memory of the autotuner's choice
         try:
             _check(tensors, grad)
             ran += 1
         except OutOfResources:  # too much shared memory on this GPU: the autotuner skips such configs too
             continue
     assert ran > 0
+
+
+@pytest.mark.parametrize("dx_mode", ["kernel", "gemm"])
+def test_sequential_adapter_folds_residual_gradient(dx_mode, monkeypatch):
+    """``residual=x`` (Med-SA's space adapter): dx = g + adapter gradient from one GEMM epilogue or store."""
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
+    monkeypatch.setattr(triton_launch, "DX_MODE", dx_mode)
+    tensors, grad = _problem((2, 21, 19), 768, 192, seed=4)
+    results = {}
+    for name, fn, dtype in (("exact", fused_adapter_reference, torch.float64),
+                            ("ref", fused_adapter_reference, torch.bfloat16), ("got", fused_adapter, torch.bfloat16)):
+        leaves = [tensors[k].detach().cuda().to(dtype).requires_grad_() for k in LEAVES[:5]]
+        out = fn(*leaves, scale=1.0, residual=leaves[0], activation="gelu")
+        if name == "got":
+            assert type(out.grad_fn).__name__ == "FusedAdapterTritonFunctionBackward"
+        grads = torch.autograd.grad(out, leaves, grad.cuda().to(dtype))
+        results[name] = [t.double() for t in (out, *grads)]
+    for label, g, r, e in zip(("out", *LEAVES[:5]), results["got"], results["ref"], results["exact"]):
+        size, err, ref_err = e.abs().max().item(), (g - e).abs().max().item(), (r - e).abs().max().item()
+        assert err <= 2.0 * ref_err + 4e-3 * size, f"{label}: error {err:.3g}, bf16 reference's {ref_err:.3g}"
 
 
 def test_fp32_with_and_without_tf32(monkeypatch):

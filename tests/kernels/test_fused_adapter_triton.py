@@ -104,6 +104,52 @@ def test_low_precision_as_accurate_as_reference(dtype, activation, hidden):
         assert err <= 2.0 * ref_err + 4e-3 * size, f"{name}: error {err:.3g}, reference's {ref_err:.3g}"
 
 
+@pytest.mark.parametrize("dx_mode", ["kernel", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", ["x", "separate"])
+def test_dx_modes_and_sequential_adapter(dx_mode, dtype, residual, monkeypatch):
+    """dx in the fused kernel or as a GEMM on dpre; ``residual=x`` (the sequential adapter) folds the
+    residual's gradient into dx: both match the reference, which lets autograd add the two paths."""
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    monkeypatch.setattr(triton_launch, "DX_MODE", dx_mode)
+    tensors, grad = _problem((3, 7, 5, 40), 40, 12, dtype, seed=3)
+    tensors["residual"] = None
+    leaves = {k: v.detach().to(DEVICE, dtype).requires_grad_() for k, v in tensors.items() if v is not None}
+    exact_leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items() if v is not None}
+    outs, grads = [], []
+    for fn, ls, g in ((fused_adapter, leaves, grad.to(DEVICE, dtype)), (fused_adapter_reference, exact_leaves, grad)):
+        x = ls["x"]
+        res = x if residual == "x" else x.detach() * 0.5
+        out = fn(x, ls["w_down"], ls["b_down"], ls["w_up"], ls["b_up"], scale=0.5, residual=res)
+        outs.append(out)
+        grads.append([t.detach().cpu().double() for t in torch.autograd.grad(out, list(ls.values()), g)])
+    assert type(outs[0].grad_fn).__name__ == "FusedAdapterTritonFunctionBackward"
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[0].detach().cpu().double(), outs[1].detach(), rtol=tol, atol=tol)
+    for name, got, want in zip(leaves, *grads):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item(),
+                                   msg=lambda m, name=name: f"d_{name}: {m}")
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 3), (37, 12), (1000, 192), (333, 320)])
+def test_column_sum_matches_torch(rows, cols):
+    """db_down's column sum: fp32 partials per program, any row count, padded column block."""
+    from medadapt.kernels.fused_adapter.triton_launch import column_sum
+
+    a = torch.randn(rows, cols + 5, device=DEVICE).bfloat16()[:, :cols]  # row stride ≠ width
+    torch.testing.assert_close(column_sum(a), a.float().sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_dx_mode_rejects_unknown_value():
+    from medadapt.kernels.fused_adapter.triton_launch import adapter_backward
+
+    x = torch.randn(4, 40, device=DEVICE)
+    w_down, w_up = torch.randn(12, 40, device=DEVICE), torch.randn(40, 12, device=DEVICE)
+    with pytest.raises(ValueError, match="dx_mode"):
+        adapter_backward(x, w_down, None, w_up, x, 1.0, "gelu", (True,) * 5, dx_mode="fused")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_zero_up_projection_gives_residual_exactly(dtype):
     tensors, grad = _problem((3, 7, 5, 40), 40, 12, dtype)
@@ -168,25 +214,21 @@ def test_hidden_split_covers_widths():
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
+    import sys
     import triton
+    sys.path.insert(0, {benchmarks!r})
+    from adapter_registers import compile_kernel
+
+    compile_kernel("fwd", 192, (64, 64, 64, 8, 3))
+    compile_kernel("bwd", 320, (64, 64, 64, 8, 3))
+    compile_kernel("bwd_dx", 192, (64, 64, 128, 8, 3))
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from medadapt.kernels.fused_adapter.triton_kernels import adapter_bwd_kernel, adapter_fwd_kernel, hidden_split
-
-    def compile_kernel(fn, dtype, hidden, **flags):
-        ha, hb = hidden_split(hidden)
-        consts = dict(ACT=0, HAS_BD=True, HA=ha, HB=hb, PRECISION="tf32", UPCAST=False,
-                      BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, **flags)
-        sig = {}
-        for name in fn.arg_names:
-            sig[name] = ("constexpr" if name in consts else "*fp32" if name.endswith("_part_ptr")
-                         else f"*{dtype}" if name.endswith("_ptr") else "fp32" if name == "scale" else "i32")
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
-
-    compile_kernel(adapter_fwd_kernel, "bf16", 192, HAS_BU=True, HAS_RES=True)
-    compile_kernel(adapter_bwd_kernel, "bf16", 192, NEED_DX=True, STORE_H=True, STORE_DPRE=True, GATE_FP16=True)
-    compile_kernel(adapter_bwd_kernel, "fp16", 12, NEED_DX=False, STORE_H=True, STORE_DPRE=False, GATE_FP16=True)
+    from medadapt.kernels.fused_adapter.triton_kernels import column_sum_kernel
+    sig = dict(a_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", stride_am="i32", BLOCK_M="constexpr",
+               BLOCK_N="constexpr")
+    src = ASTSource(column_sum_kernel, sig, constexprs=dict(BLOCK_M=32, BLOCK_N=256))
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
     print("compiled")
 """)
 
@@ -195,7 +237,9 @@ def test_kernels_compile_for_hopper():
     """The interpreter accepts code the GPU compiler rejects: compile for sm_90 (no GPU needed)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+    benchmarks = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT.format(benchmarks=benchmarks)],
+                          capture_output=True, text=True, env=env,
                           timeout=300)
     last_line = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     if proc.returncode != 0 and last_line.startswith(("ImportError", "ModuleNotFoundError", "AttributeError")):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .reference import activation_fn, fused_adapter_reference
+from .reference import activation_fn, fused_adapter_reference, scaled_matmul
 
 __all__ = ["FusedAdapterTorchFunction", "FusedAdapterTritonFunction"]
 
@@ -30,14 +30,6 @@ def _activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str)
         return torch.ops.aten.threshold_backward(grad, F.relu(pre), 0)
     approximate = "tanh" if activation == "gelu_tanh" else "none"
     return torch.ops.aten.gelu_backward(grad, pre, approximate=approximate)
-
-
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha · a b`` with the scaling in the GEMM epilogue (one rounding)."""
-    if alpha == 1.0:
-        return a @ b
-    return torch.addmm(torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype), a, b,
-                       beta=0.0, alpha=alpha)
 
 
 def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
@@ -65,11 +57,11 @@ class FusedAdapterTorchFunction(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(w_up.dtype)
             pre = F.linear(x2, w_down, b_down)
-            d_w_up = _scaled_mm(g.t(), activation_fn(ctx.activation)(pre), ctx.scale) if need[3] else None
+            d_w_up = scaled_matmul(g.t(), activation_fn(ctx.activation)(pre), ctx.scale) if need[3] else None
             d_b_up = g.sum(0) * ctx.scale if need[4] else None
             d_w_down = d_b_down = dx = None
             if need[0] or need[1] or need[2]:
-                dpre = _activation_backward(_scaled_mm(g, w_up, ctx.scale), pre, ctx.activation)
+                dpre = _activation_backward(scaled_matmul(g, w_up, ctx.scale), pre, ctx.activation)
                 d_w_down = dpre.t() @ x2 if need[1] else None
                 d_b_down = dpre.sum(0) if need[2] else None
                 dx = (dpre @ w_down).view(x.shape) if need[0] else None
@@ -78,17 +70,23 @@ class FusedAdapterTorchFunction(torch.autograd.Function):
 
 
 class FusedAdapterTritonFunction(torch.autograd.Function):
-    """Triton path: one fused forward kernel; one fused backward kernel plus two weight-gradient GEMMs."""
+    """Triton path: one fused forward kernel; one fused backward kernel plus cuBLAS GEMMs.
+
+    ``residual_is_x``: the sequential adapter ``x + scale · Adapter(x)`` (``residual`` is then None): the
+    kernel reads ``x`` as the residual, and the backward adds the output gradient into ``dx`` inside its
+    last GEMM or store instead of leaving autograd a separate accumulation pass.
+    """
 
     @staticmethod
-    def forward(ctx, x, w_down, b_down, w_up, b_up, residual, scale: float, activation: str):
+    def forward(ctx, x, w_down, b_down, w_up, b_up, residual, scale: float, activation: str,
+                residual_is_x: bool = False):
         from .triton_launch import adapter_forward
 
         x2 = x.reshape(-1, x.shape[-1])
-        res2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+        res2 = x2 if residual_is_x else None if residual is None else residual.reshape(-1, residual.shape[-1])
         out = adapter_forward(x2, w_down, b_down, w_up, b_up, res2, scale, activation, _out_dtype(x, residual))
         ctx.save_for_backward(x, w_down, b_down, w_up)
-        ctx.scale, ctx.activation = scale, activation
+        ctx.scale, ctx.activation, ctx.residual_is_x = scale, activation, residual_is_x
         ctx.residual_dtype = None if residual is None else residual.dtype
         return out.view(*x.shape[:-1], w_up.shape[0])
 
@@ -101,18 +99,9 @@ class FusedAdapterTritonFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        dx, h1, dpre = adapter_backward(x2, w_down, b_down, w_up, g2, ctx.scale, ctx.activation, need_dx=need[0],
-                                        need_h=need[3] or need[4], need_dpre=need[1] or need[2])
-        d_w_up = d_b_up = d_w_down = d_b_down = None
-        with _no_autocast(x.device):
-            if need[3] or need[4]:  # scale · gᵀ [h | 1] = [dW_up | db_up]
-                up = _scaled_mm(g2.to(w_up.dtype).t(), h1, ctx.scale)
-                d_w_up = up[:, :-1].contiguous() if need[3] else None
-                d_b_up = up[:, -1].contiguous() if need[4] else None
-            if need[1]:
-                d_w_down = dpre.t() @ x2
-            if need[2]:
-                d_b_down = dpre.sum(0, dtype=torch.float32).to(w_down.dtype)
+        dx, d_w_down, d_b_down, d_w_up, d_b_up = adapter_backward(
+            x2, w_down, b_down, w_up, g2, ctx.scale, ctx.activation, needs=tuple(need[:5]),
+            add_grad_to_dx=ctx.residual_is_x)
         dx = dx.view(x.shape) if dx is not None else None
         d_res = grad_out.to(ctx.residual_dtype) if need[5] else None
-        return dx, d_w_down, d_b_down, d_w_up, d_b_up, d_res, None, None
+        return dx, d_w_down, d_b_down, d_w_up, d_b_up, d_res, None, None, None

@@ -121,18 +121,23 @@ def fused_adapter(
     """
     scale = _validate(x, w_down, b_down, w_up, b_up, scale, residual, activation)
     dtype = _compute_dtype(x)
+    residual_is_x = residual is x and x.dtype == dtype  # the sequential adapter, no dtype conversion
     x, w_down, w_up = x.to(dtype), w_down.to(dtype), w_up.to(dtype)
     b_down = b_down.to(dtype) if b_down is not None else None
     b_up = b_up.to(dtype) if b_up is not None else None
     if fused_adapter_backend(x, w_down, w_up, b_down, b_up, residual) == "triton":
-        return _apply_triton(x, w_down, b_down, w_up, b_up, residual, scale, activation)
+        if residual_is_x:
+            return _apply_triton(x, w_down, b_down, w_up, b_up, None, scale, activation, True)
+        return _apply_triton(x, w_down, b_down, w_up, b_up, residual, scale, activation, False)
     return FusedAdapterTorchFunction.apply(x, w_down, b_down, w_up, b_up, residual, scale, activation)
 
 
 def _apply_triton(*args):
-    """The Triton Function, run eagerly under ``torch.compile`` (a graph break): Dynamo is not asked to
-    trace the autotuned launchers inside a custom autograd.Function."""
-    return _triton_apply_outside_compile()(*args)
+    """The Triton Function; under ``torch.compile`` run eagerly (a graph break): Dynamo is not asked to
+    trace the autotuned launchers inside a custom autograd.Function. Eager calls skip that wrapper."""
+    if torch.compiler.is_compiling():
+        return _triton_apply_outside_compile()(*args)
+    return FusedAdapterTritonFunction.apply(*args)
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activation_fn", "fused_adapter_reference"]
+__all__ = ["ACTIVATIONS", "activation_fn", "fused_adapter_reference", "scaled_matmul"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 
@@ -46,3 +46,11 @@ def fused_adapter_reference(
     if scale != 1.0:
         out = out * scale
     return out if residual is None else residual + out
+
+
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha · a b`` with the scaling in the GEMM's epilogue (one rounding)."""
+    if alpha == 1.0:
+        return a @ b
+    return torch.addmm(torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype), a, b,
+                       beta=0.0, alpha=alpha)

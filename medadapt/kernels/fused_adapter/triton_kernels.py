@@ -5,9 +5,10 @@ Forward, per block of ``BLOCK_M`` tokens (rows of ``x``, any row/column strides)
 registers, then per ``BLOCK_N`` output columns ``out = residual + scale · (h W_upᵀ + b_up)``.
 
 Backward, per block: recompute ``pre`` and ``h``; ``dh = g W_up`` over the output columns;
-``dpre = scale · dh ⊙ act'(pre)``; ``dx = dpre W_down``; ``[h | 1]`` and ``dpre`` are written
-(``M × H``, a quarter of ``x`` at ratio 0.25) for the weight- and bias-gradient GEMMs the launcher runs
-with cuBLAS (deterministic: no atomics, no cross-block partial sums).
+``dpre = scale · dh ⊙ act'(pre)``; ``[h | 1]`` and ``dpre`` are written (``M × H``, a quarter of ``x`` at
+ratio 0.25) for the weight- and bias-gradient GEMMs the launcher runs with cuBLAS (deterministic: no
+atomics, no cross-block partial sums). ``dx = dpre W_down`` is either a third loop of the same kernel or
+one more GEMM on the stored ``dpre`` (the launcher's ``dx_mode``).
 
 The hidden width ``H`` is held as two power-of-two parts ``HA + HB ≥ H`` (each ≥ 16, masked), so
 192 = 128 + 64 and 320 = 256 + 64 waste nothing; ``HB = 0`` drops the second part at compile time.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["ACTIVATION_CODES", "adapter_bwd_kernel", "adapter_fwd_kernel", "hidden_split"]
+__all__ = ["ACTIVATION_CODES", "adapter_bwd_kernel", "adapter_fwd_kernel", "column_sum_kernel", "hidden_split"]
 
 ACTIVATION_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
 
@@ -111,7 +112,7 @@ def _down_projection(x_ptr, wd_ptr, bd_ptr, rows, row_ok, C, H, stride_xm, strid
     return pre_a, pre_b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every token count
 def adapter_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, res_ptr, out_ptr,
     M, C, H, C_OUT, M_BUCKET,
@@ -154,7 +155,7 @@ def adapter_fwd_kernel(
                  _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def adapter_bwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wu_ptr, g_ptr,
     dx_ptr, h_ptr, dpre_ptr,
@@ -162,15 +163,17 @@ def adapter_bwd_kernel(
     stride_xm, stride_xc, stride_wdh, stride_wdc, stride_wun, stride_wuh,
     stride_gm, stride_gn, stride_dxm, stride_dxc, stride_hm, stride_dpm,
     scale,
-    ACT: tl.constexpr, HAS_BD: tl.constexpr, NEED_DX: tl.constexpr, STORE_H: tl.constexpr,
-    STORE_DPRE: tl.constexpr, GATE_FP16: tl.constexpr, HA: tl.constexpr, HB: tl.constexpr,
+    ACT: tl.constexpr, HAS_BD: tl.constexpr, DX_IN_KERNEL: tl.constexpr, ADD_G_TO_DX: tl.constexpr,
+    STORE_H: tl.constexpr, STORE_DPRE: tl.constexpr, GATE_FP16: tl.constexpr, HA: tl.constexpr, HB: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Per token block: rows of ``dx = dpre W_down``, ``[h | 1]`` and ``dpre = scale · (g W_up) ⊙ act'(pre)``.
+    """Per token block: ``[h | 1 0 … 0] = [act(pre) | e₁]`` (``H + 8`` columns), ``dpre = scale · (g W_up) ⊙
+    act'(pre)`` and, with ``DX_IN_KERNEL``, the rows of ``dx = dpre W_down`` (``+ g`` with ``ADD_G_TO_DX``,
+    the sequential adapter's residual path); otherwise the launcher runs ``dx`` as one GEMM on ``dpre``.
 
-    The ones column after ``h`` (column ``H`` of the h buffer) lets one GEMM ``gᵀ [h | 1]`` give both
-    ``dW_up`` and ``db_up``.
+    The ones column lets one GEMM ``gᵀ [h | e₁]`` give both ``dW_up`` and ``db_up`` (a column sum of ``g``
+    inside the loop cost more than the whole GEMM on an H100: cross-warp reductions stall the pipeline).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -195,7 +198,9 @@ def adapter_bwd_kernel(
         if HB > 0:
             tl.store(h_rows + hid_b[None, :], _cast(_act(pre_b, ACT), compute_dtype, UPCAST),
                      mask=row_ok[:, None] & (hid_b[None, :] < H))
-        tl.store(h_ptr + rows64 * stride_hm + H, tl.full((BLOCK_M,), 1.0, tl.float32).to(compute_dtype), mask=row_ok)
+        pad = tl.arange(0, 8)
+        tl.store(h_rows + H + pad[None, :], tl.where(pad[None, :] == 0, 1.0, 0.0).to(compute_dtype)
+                 + tl.zeros((BLOCK_M, 8), dtype=compute_dtype), mask=row_ok[:, None])
 
     dh_a = tl.zeros((BLOCK_M, HA), dtype=tl.float32)
     dh_b = tl.zeros((BLOCK_M, HB if HB > 0 else 16), dtype=tl.float32)
@@ -221,7 +226,7 @@ def adapter_bwd_kernel(
         if HB > 0:
             tl.store(d_rows + hid_b[None, :], dpre_b, mask=row_ok[:, None] & (hid_b[None, :] < H))
 
-    if NEED_DX:
+    if DX_IN_KERNEL:
         for k0 in range(0, C, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < C
@@ -232,5 +237,28 @@ def adapter_bwd_kernel(
                 w_b = tl.load(wd_ptr + hid_b[:, None] * stride_wdh + cols[None, :] * stride_wdc,
                               mask=(hid_b[:, None] < H) & col_ok[None, :], other=0.0)
                 dx = _mm(dpre_b, w_b, dx, PRECISION, UPCAST)
+            mask = row_ok[:, None] & col_ok[None, :]
+            if ADD_G_TO_DX:  # the sequential adapter's residual: d x += g (C_OUT == C)
+                dx += tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask,
+                              other=0.0).to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxc,
-                     _cast(dx, dx_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
+                     _cast(dx, dx_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def column_sum_kernel(a_ptr, part_ptr, M, N, stride_am, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``part[p, :N] = Σ a[r, :N]`` (fp32) over the row blocks ``r ∈ {p, p + P, p + 2P, …}`` of ``BLOCK_M`` rows,
+    ``P`` programs; one column block (``N ≤ BLOCK_N``). The launcher sums the ``P`` partial rows.
+
+    ``db_down = Σ_rows dpre`` this way reads ``dpre`` once at full bandwidth; torch's ``sum(0)`` of a tall
+    ``(M, H)`` tensor took 67 µs at M = 32768, H = 192 on an H100 (four times the adapter's dx GEMM).
+    """
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(pid * BLOCK_M, M, programs * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        acc += tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :],
+                       mask=(rows[:, None] < M) & (cols[None, :] < N), other=0.0).to(tl.float32)
+    tl.store(part_ptr + pid * BLOCK_N + cols, tl.sum(acc, axis=0), mask=cols < N)

@@ -1,0 +1,97 @@
+"""Registers, spills and shared memory of the fused-adapter kernels' tile shapes on sm_90, without a GPU.
+
+Compiles each candidate ``(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages)`` for Hopper with Triton's own
+``ptxas`` and prints what it reports; shapes that spill registers are left out of the autotuning lists in
+``triton_launch.py``. Needs Triton with its CUDA backend (no GPU, no ``TRITON_INTERPRET``).
+
+    python benchmarks/adapter_registers.py --kernel bwd --hidden 192 320 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+__all__ = ["compile_kernel", "compile_report"]
+
+_FLAGS = {
+    "fwd": dict(HAS_BU=True, HAS_RES=True),
+    "bwd": dict(DX_IN_KERNEL=False, ADD_G_TO_DX=False, STORE_H=True, STORE_DPRE=True, GATE_FP16=True),
+    "bwd_dx": dict(DX_IN_KERNEL=True, ADD_G_TO_DX=False, STORE_H=True, STORE_DPRE=True, GATE_FP16=True),
+}
+
+
+_UNIT_STRIDES = ("stride_xc", "stride_wdc", "stride_wuh", "stride_rn", "stride_on", "stride_gn", "stride_dxc")
+
+
+def compile_kernel(kernel: str, hidden: int, shape: tuple[int, int, int, int, int]):
+    """Compile one tile shape for sm_90 in bf16, specialized as a launch on contiguous SAM-sized tensors
+    would be (unit strides are constants; pointers and the other integers divisible by 16)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from medadapt.kernels.fused_adapter.triton_kernels import adapter_bwd_kernel, adapter_fwd_kernel, hidden_split
+
+    fn = adapter_fwd_kernel if kernel == "fwd" else adapter_bwd_kernel
+    bm, bk, bn, warps, stages = shape
+    ha, hb = hidden_split(hidden)
+    consts = dict(ACT=0, HAS_BD=True, HA=ha, HB=hb, PRECISION="tf32", UPCAST=False, BLOCK_M=bm, BLOCK_K=bk,
+                  BLOCK_N=bn, **_FLAGS[kernel])
+    consts.update({name: 1 for name in _UNIT_STRIDES if name in fn.arg_names})
+    sig = {name: ("constexpr" if name in consts else "*fp32" if name.endswith("_part_ptr")
+                  else "*bf16" if name.endswith("_ptr") else "fp32" if name == "scale" else "i32")
+           for name in fn.arg_names}
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name, kind in sig.items() if kind not in ("constexpr", "fp32") and name not in ("M", "M_BUCKET")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_report(kernel: str, hidden: int, shape: tuple[int, int, int, int, int]) -> dict:
+    """Compile one tile shape (``compile_kernel``) and return its registers, stack bytes and shared memory."""
+    import triton
+
+    compiled = compile_kernel(kernel, hidden, shape)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    spill = re.search(r"STACK:(\d+)", out)
+    return {"kernel": kernel, "hidden": hidden, "shape": shape, "regs": int(regs.group(1)) if regs else -1,
+            "stack_bytes": int(spill.group(1)) if spill else -1, "shared": compiled.metadata.shared}
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", choices=sorted(_FLAGS), default="bwd")
+    parser.add_argument("--hidden", nargs="+", type=int, default=[192, 256, 320])
+    parser.add_argument("--shapes", nargs="+", default=None, help="M,K,N,warps,stages ...")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else
+              [(m, k, n, w, s) for m, k, n, w, s in itertools.product((32, 64, 128), (32, 64), (64, 128), (4, 8, 16),
+                                                                      (2, 3, 4))
+               if w * 32 * 2 <= m * max(n, k) and not (m == 128 and w == 4) and not (m == 32 and w == 16)])
+    jobs = [(args.kernel, h, s) for h in args.hidden for s in shapes]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for r in pool.map(compile_report, *zip(*jobs)):
+            flag = "SPILLS" if r["stack_bytes"] > 0 else ""
+            print(f"{r['kernel']:6} H={r['hidden']:4} {str(r['shape']):22} regs {r['regs']:4} "
+                  f"stack {r['stack_bytes']:6} smem {r['shared']:7} {flag}", flush=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,252 @@
+"""Fused adapter on a GPU: every candidate tile shape of each kernel timed alone, the backward's parts,
+and the host (Python) time per call — what the autotuner chooses from and where the time goes.
+
+    python3 benchmarks/tune_adapter.py --out DIR            # ViT-B/L/H widths, batch 1 and 8
+    TRITON_INTERPRET=1 python3 benchmarks/tune_adapter.py --smoke   # CPU: the script itself, tiny sizes
+
+Kernels are compiled first in parallel worker processes (Triton's disk cache then serves the timing
+process), then each (case, kernel, tile shape) is timed as CUDA-graph replays. The backward is timed as
+a whole (fused kernel + cuBLAS GEMMs + bias sums) with dx in the kernel (``kernel``) or as a GEMM
+(``gemm``); its cuBLAS GEMMs are also timed alone. Writes ``adapter_tuning_<device>.csv`` and
+``adapter_host_<device>.txt`` (host time per call, cProfile of the fused forward+backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import environment, time_ms, write_csv  # noqa: E402
+from bench_adapter import MODELS, _graph_ms, _slug  # noqa: E402
+
+__all__ = ["main"]
+
+NEEDS = (True, True, True, True, True)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _timed_ms(fn) -> float:
+    """CUDA-graph replays on a GPU (kernel time without launch overhead); wall time on the CPU (smoke run)."""
+    return _graph_ms(fn, DEVICE, 0.1) if DEVICE.type == "cuda" else time_ms(fn, DEVICE, 0.01)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _case(width: int, batch: int, grid: int = 64, seed: int = 0):
+    """Bf16 inputs of one SAM-sized call (``grid²`` tokens per image) as 2-D tensors."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = width // 4
+
+    def make(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(DEVICE, torch.bfloat16)
+
+    x2 = make(batch * grid * grid, width)
+    return {"x2": x2, "w_down": make(hidden, width, std=width**-0.5), "b_down": make(hidden, std=0.1),
+            "w_up": make(width, hidden, std=hidden**-0.5), "b_up": make(width, std=0.1),
+            "res2": make(batch * grid * grid, width), "g2": make(batch * grid * grid, width)}
+
+
+def _tuners():
+    from medadapt.kernels.fused_adapter import triton_launch as tl_
+
+    return {"fwd": tl_._fwd, "bwd_kernel": tl_._bwd_dx, "bwd_gemm": tl_._bwd}
+
+
+def _fitting(tuner, hidden: int) -> list:
+    from medadapt.kernels.fused_adapter import triton_launch as tl_
+    from medadapt.kernels.fused_adapter.triton_kernels import hidden_split
+
+    return [tl_._untagged(c) for c in tuner.configs if sum(hidden_split(hidden)) <= c.kwargs.get("MAX_HIDDEN", 1 << 30)]
+
+
+def _call(kind: str, case: dict):
+    from medadapt.kernels.fused_adapter.triton_launch import adapter_backward, adapter_forward
+
+    c = case
+    if kind == "fwd":
+        return lambda: adapter_forward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["b_up"], c["res2"], 0.5, "gelu",
+                                       torch.bfloat16)
+    mode = kind.removeprefix("bwd_")
+    return lambda: adapter_backward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["g2"], 0.5, "gelu", NEEDS,
+                                    dx_mode=mode)
+
+
+def _reference(case: dict) -> dict:
+    """fp32 torch results on the same bf16 inputs: the output and ``(dx, dW_down, db_down, dW_up, db_up)``."""
+    from medadapt.kernels import fused_adapter_reference
+
+    leaves = [case[k].float().requires_grad_() for k in ("x2", "w_down", "b_down", "w_up", "b_up")]
+    out = fused_adapter_reference(*leaves, scale=0.5, residual=case["res2"].float())
+    return {"fwd": (out.detach(),), "bwd": torch.autograd.grad(out, leaves, case["g2"].float())}
+
+
+def _max_rel_err(got, want) -> float:
+    got = got if isinstance(got, tuple) else (got,)
+    return max(((g.float() - w).abs().max() / w.abs().max().clamp_min(1e-12)).item() for g, w in zip(got, want))
+
+
+def _run_one(kind: str, width: int, batch: int, index: int, time_it: bool, case=None, grid=64,
+             reference=None) -> tuple[float, float, str]:
+    """Launch (and optionally time and check) one kernel kind with only its ``index``-th fitting tile shape.
+
+    Returns ``(ms, max relative error vs the fp32 reference, status)``."""
+    from medadapt.kernels.fused_adapter import triton_launch as tl_
+
+    tuner = _tuners()[kind]
+    configs, saved = _fitting(tuner, width // 4), tuner.configs
+    tuner.configs = [configs[index]]
+    tuner.cache.clear()
+    tl_._chosen.clear()
+    try:
+        fn = _call(kind, case or _case(width, batch, grid))
+        got = fn()
+        _sync()
+        err = _max_rel_err(got, reference[kind[:3]]) if reference else float("nan")
+        return (_timed_ms(fn) if time_it else 0.0), err, "ok"
+    except Exception as err:  # OutOfResources (shared memory) and friends: recorded, not fatal
+        return float("nan"), float("nan"), f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    finally:
+        tuner.configs = saved
+        tuner.cache.clear()
+        tl_._chosen.clear()
+
+
+def _compile_job(job) -> str:
+    kind, width, index = job
+    return _run_one(kind, width, 1, index, time_it=False)[2]
+
+
+def precompile(widths, jobs: int) -> float:
+    """Compile every (kind, width, tile shape) in ``jobs`` processes; returns the seconds it took."""
+    start = time.time()
+    work = [(kind, w, i) for w in widths for kind, tuner in _tuners().items()
+            for i in range(len(_fitting(tuner, w // 4)))]
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_compile_job, work))
+    return time.time() - start
+
+
+def _gemm_parts(case: dict) -> dict[str, float]:
+    """The backward's cuBLAS work alone: dW_down = dpreᵀ x (also as (xᵀ dpre)ᵀ), dW_up = s gᵀ [h | e₁],
+    dx = dpre W_down, db_down = Σ dpre."""
+    from medadapt.kernels.fused_adapter.reference import scaled_matmul
+
+    rows, hidden = case["x2"].shape[0], case["w_down"].shape[0]
+    dpre = torch.randn(rows, hidden, device=DEVICE).bfloat16()
+    h1 = torch.randn(rows, hidden + 8, device=DEVICE).bfloat16()
+    return {"gemm_dw_down": _timed_ms(lambda: dpre.t() @ case["x2"]),
+            "gemm_dw_down_transposed": _timed_ms(lambda: (case["x2"].t() @ dpre).t()),
+            "gemm_dw_up_ones": _timed_ms(lambda: scaled_matmul(case["g2"].t(), h1, 0.5)),
+            "gemm_dx": _timed_ms(lambda: dpre @ case["w_down"]),
+            "sum_db_down": _timed_ms(lambda: dpre.sum(0, dtype=torch.float32))}
+
+
+def host_report(path: str, grid: int = 64, calls: int = 300) -> str:
+    """Wall time per call of the whole public call (B = 1, ViT-B: the GPU work is short), and a profile."""
+    from medadapt.kernels import fused_adapter, fused_adapter_reference
+
+    case = _case(768, 1, grid)
+    leaves = [t.requires_grad_() for t in (case["x2"], case["w_down"], case["b_down"], case["w_up"], case["b_up"])]
+    res = case["res2"].requires_grad_()
+
+    def fwd(fn):
+        with torch.no_grad():
+            fn(*leaves, scale=0.5, residual=res)
+
+    def fwdbwd(fn):
+        torch.autograd.grad(fn(*leaves, scale=0.5, residual=res), leaves + [res], case["g2"])
+
+    lines = []
+    for name, fn in (("eager", fused_adapter_reference), ("fused", fused_adapter)):
+        for label, step in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
+            for _ in range(20):
+                step(fn)
+            _sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                step(fn)
+            _sync()
+            lines.append(f"{name:6} {label:8} {(time.perf_counter() - start) / calls * 1e6:8.1f} us per call (wall)")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fwdbwd(fused_adapter)
+    prof.disable()
+    _sync()
+    stream = io.StringIO()
+    pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(25)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + f"\n\ncProfile, {calls} fused forward+backward calls, by own time:\n"
+                + stream.getvalue())
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1))
+    parser.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: ViT-B, 4×4 tokens")
+    args = parser.parse_args(argv)
+    grid, calls = (4, 3) if args.smoke else (64, 300)
+    if args.smoke:
+        args.models, args.batches = ["vit_b"], [1]
+    elif DEVICE.type != "cuda":
+        sys.exit("tune_adapter.py needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")
+    os.environ["MEDADAPT_KERNELS"] = "triton" if args.smoke else "auto"
+    env = environment(DEVICE)
+    widths = [MODELS[m] for m in args.models]
+    if DEVICE.type == "cuda":
+        print(f"precompiled in {precompile(widths, args.jobs):.0f} s", flush=True)
+    rows = []
+    for model in args.models:
+        width = MODELS[model]
+        for batch in args.batches:
+            case = _case(width, batch, grid)
+            reference = _reference(case)
+            base = {**env, "model": model, "width": width, "hidden": width // 4, "batch": batch, "dtype": "bf16"}
+            for kind, tuner in _tuners().items():
+                for i, config in enumerate(_fitting(tuner, width // 4)):
+                    ms, err, status = _run_one(kind, width, batch, i, time_it=True, case=case, reference=reference)
+                    rows.append({**base, "kind": kind, "config": _config_name(config), "ms": ms,
+                                 "max_rel_err": err, "status": status})
+            rows += [{**base, "kind": part, "config": "cublas", "ms": ms, "status": "ok"}
+                     for part, ms in _gemm_parts(case).items()]
+            _print_best(rows, model, batch)
+    write_csv(os.path.join(args.out, f"adapter_tuning_{_slug(env['device'])}.csv"), rows)
+    print(host_report(os.path.join(args.out, f"adapter_host_{_slug(env['device'])}.txt"), grid, calls))
+    return rows
+
+
+def _config_name(config) -> str:
+    k = config.kwargs
+    return f"M{k['BLOCK_M']}-K{k['BLOCK_K']}-N{k['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
+
+
+def _print_best(rows: list[dict], model: str, batch: int) -> None:
+    mine = [r for r in rows if r["model"] == model and r["batch"] == batch]
+    for kind in dict.fromkeys(r["kind"] for r in mine):
+        timed = sorted((r for r in mine if r["kind"] == kind and r["status"] == "ok"), key=lambda r: r["ms"])
+        shown = ", ".join(f"{r['config']} {r['ms'] * 1e3:.1f}" for r in timed[:3])
+        errs = [r["max_rel_err"] for r in timed if "max_rel_err" in r]
+        checked = f"; worst rel. err {max(errs):.1e}" if errs else ""
+        print(f"{model} b={batch} {kind:12} best (us): {shown}{checked}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
