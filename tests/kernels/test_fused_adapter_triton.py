@@ -141,6 +141,24 @@ def test_column_sum_matches_torch(rows, cols):
     torch.testing.assert_close(column_sum(a), a.float().sum(0), rtol=1e-5, atol=1e-4)
 
 
+def test_launcher_remembers_the_autotuned_configuration(monkeypatch):
+    """The first call per shape and flags goes through the autotuner; repeats launch its choice directly,
+    with the same result."""
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    monkeypatch.setattr(triton_launch, "_chosen", {})
+    tensors, grad = _problem((2, 9, 40), 40, 12, torch.float32, seed=5)
+    first, _ = _run(fused_adapter, tensors, grad, torch.float32, 0.5, "gelu")
+    assert len(triton_launch._chosen) == 2  # the forward kernel and the backward kernel
+    assert all(isinstance(c, triton_launch.triton.Config) for c in triton_launch._chosen.values())
+    again, _ = _run(fused_adapter, tensors, grad, torch.float32, 0.5, "gelu")
+    assert len(triton_launch._chosen) == 2
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    _run(fused_adapter, tensors, grad, torch.float32, 0.5, "relu")  # other flags: tuned separately
+    assert len(triton_launch._chosen) == 4
+
+
 def test_dx_mode_rejects_unknown_value():
     from medadapt.kernels.fused_adapter.triton_launch import adapter_backward
 
