@@ -70,7 +70,7 @@ def _fitting(tuner, hidden: int) -> list:
     from medadapt.kernels.fused_adapter import triton_launch as tl_
     from medadapt.kernels.fused_adapter.triton_kernels import hidden_split
 
-    return [tl_._untagged(c) for c in tuner.configs if sum(hidden_split(hidden)) <= c.kwargs.get("MAX_HIDDEN", 1 << 30)]
+    return tl_._fitting_configs(tuner.configs, sum(hidden_split(hidden)))
 
 
 def _call(kind: str, case: dict):

@@ -67,8 +67,7 @@ def test_every_tile_configuration(width, hidden, dx_mode, monkeypatch):
     bwd = triton_launch._bwd_dx if dx_mode == "kernel" else triton_launch._bwd
 
     def fitting(tuner):
-        width_held = sum(hidden_split(hidden))
-        return [triton_launch._untagged(c) for c in tuner.configs if width_held <= c.kwargs["MAX_HIDDEN"]]
+        return triton_launch._fitting_configs(tuner.configs, sum(hidden_split(hidden)))
 
     fwd_configs, bwd_configs = fitting(triton_launch._fwd), fitting(bwd)
     ran = 0

@@ -57,9 +57,13 @@ def _prune(configs, named_args, **kwargs):
     if x is not None and x.element_size() >= 4:
         smallest = min(c.kwargs["BLOCK_M"] for c in configs)
         kept = [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
-    else:
-        kept = [c for c in configs if width <= c.kwargs.get("MAX_HIDDEN", width)] or configs[:1]
-    return [_untagged(c) for c in kept]
+        return [_untagged(c) for c in kept]
+    return _fitting_configs(configs, width) or [_untagged(configs[0])]
+
+
+def _fitting_configs(configs, width: int) -> list[triton.Config]:
+    """The configurations tried with a padded hidden block of ``width`` (``HA + HB``), untagged."""
+    return [_untagged(c) for c in configs if width <= c.kwargs.get("MAX_HIDDEN", width)]
 
 
 def _untagged(config: triton.Config) -> triton.Config:
@@ -180,14 +184,15 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
         UPCAST=interpret_mode(),
     ))
     d_w_up = d_b_up = None
+    g = grad2.to(dtype)
     with torch.autocast(device_type=device.type, enabled=False):
         if need_dx and not dx_in_kernel:  # dx = dpre W_down (+ g), the addend in the GEMM's epilogue
-            dx = torch.addmm(grad2.to(dtype), dpre, w_down) if add_grad_to_dx else dpre @ w_down
+            dx = torch.addmm(g, dpre, w_down) if add_grad_to_dx else dpre @ w_down
             dx = dx.to(x2.dtype)
         d_w_down = dpre.t() @ x2.to(dtype) if need_dwd else None
         d_b_down = column_sum(dpre).to(dtype) if need_dbd else None
         if h1 is not None:  # scale · gᵀ [h | 1 0 … 0] = [dW_up | db_up | 0 …]
-            up = scaled_matmul(grad2.to(dtype).t(), h1, scale)
+            up = scaled_matmul(g.t(), h1, scale)
             d_w_up = up[:, :H].contiguous() if need_dwu else None
             d_b_up = up[:, H].contiguous() if need_dbu else None
     return dx, d_w_down, d_b_down, d_w_up, d_b_up
