@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the fused-adapter kernels' tile shapes on sm_90, without a GPU.
 
-Compiles each candidate ``(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages)`` for Hopper with Triton's own
+Compiles each candidate ``(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages)`` (for the weight-gradient
+kernel ``(BLOCK_M, BLOCK_C, WAVES, num_warps, num_stages)``) for Hopper with Triton's own
 ``ptxas`` and prints what it reports; shapes that spill registers are left out of the autotuning lists in
 ``triton_launch.py``. Needs Triton with its CUDA backend (no GPU, no ``TRITON_INTERPRET``).
 
@@ -22,9 +23,14 @@ __all__ = ["compile_kernel", "compile_report"]
 
 _FLAGS = {
     "fwd": dict(HAS_BU=True, HAS_RES=True),
-    "bwd": dict(DX_IN_KERNEL=False, ADD_G_TO_DX=False, STORE_H=True, STORE_DPRE=True, GATE_FP16=True),
-    "bwd_dx": dict(DX_IN_KERNEL=True, ADD_G_TO_DX=False, STORE_H=True, STORE_DPRE=True, GATE_FP16=True),
+    "bwd": dict(DX_IN_KERNEL=False, ADD_G_TO_DX=False, STORE_H=True, ONES_COLUMN=False, STORE_DPRE=True,
+                GATE_FP16=True),
+    "bwd_dx": dict(DX_IN_KERNEL=True, ADD_G_TO_DX=False, STORE_H=True, ONES_COLUMN=True, STORE_DPRE=True,
+                   GATE_FP16=True),
+    "wgrad": dict(DX=True, ADD_G_TO_DX=False),
 }
+_WGRAD_SHAPES = [(64, 64, 1, 8, 2), (64, 64, 1, 8, 3), (32, 64, 1, 8, 3), (32, 64, 2, 4, 3), (64, 32, 2, 4, 3),
+                 (64, 32, 1, 8, 3), (32, 32, 2, 4, 2), (128, 64, 1, 8, 2), (128, 32, 1, 8, 2)]
 
 
 _UNIT_STRIDES = ("stride_xc", "stride_wdc", "stride_wuh", "stride_rn", "stride_on", "stride_gn", "stride_dxc")
@@ -38,15 +44,17 @@ def compile_kernel(kernel: str, hidden: int, shape: tuple[int, int, int, int, in
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from medadapt.kernels.fused_adapter.triton_kernels import adapter_bwd_kernel, adapter_fwd_kernel, hidden_split
+    from medadapt.kernels.fused_adapter import triton_kernels as tk
 
-    fn = adapter_fwd_kernel if kernel == "fwd" else adapter_bwd_kernel
+    fn = {"fwd": tk.adapter_fwd_kernel, "wgrad": tk.adapter_wgrad_kernel}.get(kernel, tk.adapter_bwd_kernel)
     bm, bk, bn, warps, stages = shape
-    ha, hb = hidden_split(hidden)
-    consts = dict(ACT=0, HAS_BD=True, HA=ha, HB=hb, PRECISION="tf32", UPCAST=False, BLOCK_M=bm, BLOCK_K=bk,
-                  BLOCK_N=bn, **_FLAGS[kernel])
+    ha, hb = tk.hidden_split(hidden)
+    tiles = dict(BLOCK_M=bm, BLOCK_C=bk, WAVES=bn) if kernel == "wgrad" else dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
+    consts = dict(HA=ha, HB=hb, PRECISION="tf32", UPCAST=False, **tiles, **_FLAGS[kernel])
+    if kernel != "wgrad":
+        consts.update(ACT=0, HAS_BD=True)
     consts.update({name: 1 for name in _UNIT_STRIDES if name in fn.arg_names})
-    sig = {name: ("constexpr" if name in consts else "*fp32" if name.endswith("_part_ptr")
+    sig = {name: ("constexpr" if name in consts else "*fp32" if name.endswith("part_ptr")
                   else "*bf16" if name.endswith("_ptr") else "fp32" if name == "scale" else "i32")
            for name in fn.arg_names}
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
@@ -81,6 +89,7 @@ def _main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     args = parser.parse_args()
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else
+              _WGRAD_SHAPES if args.kernel == "wgrad" else
               [(m, k, n, w, s) for m, k, n, w, s in itertools.product((32, 64, 128), (32, 64), (64, 128), (4, 8, 16),
                                                                       (2, 3, 4))
                if w * 32 * 2 <= m * max(n, k) and not (m == 128 and w == 4) and not (m == 32 and w == 16)])

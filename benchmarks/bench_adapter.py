@@ -197,6 +197,9 @@ def _args(argv):
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: ViT-B width, one 16×16 image")
     parser.add_argument("--graphs", action="store_true",
                         help="CUDA only: time replays of CUDA graphs (kernel time without Python launch overhead)")
+    parser.add_argument("--backward-mode", choices=["dx_loop", "cublas", "wgrad_kernel"], default=None,
+                        help="the fused backward's second half (default: the library's BACKWARD_MODE); "
+                             "an explicit mode is added to the output file names")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.grid = ["vit_b"], [1], 16
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = _args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     env = environment(device)
+    backward_mode = _set_backward_mode(args.backward_mode)
     min_run_time = 0.2 if args.quick else 0.5
     roofline = measure_roofline(device, dtype, quick=args.quick)
     print(f"{env['device']}: peak copy {roofline['peak_gbps']:.0f} GB/s, "
@@ -229,8 +233,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for impl, fn in impls.items():
                 base = {**env, "model": model, "width": width, "hidden": hidden, "batch": batch, "tokens": tokens,
                         "dtype": args.dtype, "adapter": "sequential" if args.sequential else "parallel",
-                        "impl": impl, "backend": fused_adapter_backend(tensors["x"], tensors["w_down"],
-                                                                        tensors["w_up"]) if impl == "fused" else impl}
+                        "impl": impl, "backward_mode": backward_mode if impl == "fused" else "",
+                        "backend": fused_adapter_backend(tensors["x"], tensors["w_down"], tensors["w_up"])
+                        if impl == "fused" else impl}
                 try:
                     results[impl] = run_case(impl, fn, tensors, residual, scale, grad, device, min_run_time,
                                              graphs=args.graphs and device.type == "cuda")
@@ -268,8 +273,20 @@ def _finish_rows(results: dict, bytes_flops: dict, roofline: dict) -> list[dict]
     return rows
 
 
+def _set_backward_mode(mode: str | None) -> str:
+    """Set the fused adapter's ``BACKWARD_MODE`` (None: keep the library's); returns the one in force."""
+    try:
+        from medadapt.kernels.fused_adapter import triton_launch
+    except ImportError:  # no Triton: the fused adapter runs its torch path
+        return "torch"
+    if mode is not None:
+        triton_launch.BACKWARD_MODE = mode
+    return triton_launch.BACKWARD_MODE
+
+
 def _report(rows: list[dict], args, env: dict) -> None:
     slug = _slug(env["device"]) + ("_graphs" if args.graphs and args.device.startswith("cuda") else "")
+    slug += f"_{args.backward_mode}" if args.backward_mode else ""
     csv_path = os.path.join(args.out, f"adapter_{slug}.csv")
     write_csv(csv_path, rows)
     print(f"{'model':6} {'b':>2} {'impl':8} {'backend':8} {'fwd ms':>8} {'f+b ms':>8} {'f+b GB/s':>9} "

@@ -6,8 +6,9 @@ and the host (Python) time per call — what the autotuner chooses from and wher
 
 Kernels are compiled first in parallel worker processes (Triton's disk cache then serves the timing
 process), then each (case, kernel, tile shape) is timed as CUDA-graph replays. The backward is timed as
-a whole (fused kernel + cuBLAS GEMMs + bias sums) with dx in the kernel (``kernel``) or as a GEMM
-(``gemm``); its cuBLAS GEMMs are also timed alone. Writes ``adapter_tuning_<device>.csv`` and
+a whole in each ``backward_mode``: ``bwd_dx_loop`` and ``bwd_cublas`` per tile of the fused kernel (the
+rest is cuBLAS), ``bwd_wgrad`` per tile of the weight-gradient kernel (the fused kernel autotuned); the
+cuBLAS GEMMs are also timed alone. Writes ``adapter_tuning_<device>.csv`` and
 ``adapter_host_<device>.txt`` (host time per call, cProfile of the fused forward+backward).
 """
 
@@ -61,9 +62,14 @@ def _case(width: int, batch: int, grid: int = 64, seed: int = 0):
 
 
 def _tuners():
+    """Per kind: the tuner whose tiles are timed one by one, then the other tuners the kind launches."""
     from medadapt.kernels.fused_adapter import triton_launch as tl_
 
-    return {"fwd": tl_._fwd, "bwd_kernel": tl_._bwd_dx, "bwd_gemm": tl_._bwd}
+    return {"fwd": [tl_._fwd], "bwd_dx_loop": [tl_._bwd_dx], "bwd_cublas": [tl_._bwd],
+            "bwd_wgrad": [tl_._wgrad, tl_._bwd]}
+
+
+_MODES = {"bwd_dx_loop": "dx_loop", "bwd_cublas": "cublas", "bwd_wgrad": "wgrad_kernel"}
 
 
 def _fitting(tuner, hidden: int) -> list:
@@ -80,9 +86,8 @@ def _call(kind: str, case: dict):
     if kind == "fwd":
         return lambda: adapter_forward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["b_up"], c["res2"], 0.5, "gelu",
                                        torch.bfloat16)
-    mode = kind.removeprefix("bwd_")
     return lambda: adapter_backward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["g2"], 0.5, "gelu", NEEDS,
-                                    dx_mode=mode)
+                                    backward_mode=_MODES[kind])
 
 
 def _reference(case: dict) -> dict:
@@ -103,13 +108,18 @@ def _run_one(kind: str, width: int, batch: int, index: int, time_it: bool, case=
              reference=None) -> tuple[float, float, str]:
     """Launch (and optionally time and check) one kernel kind with only its ``index``-th fitting tile shape.
 
+    The kind's other kernels are autotuned as usual when timing; when only compiling (``time_it`` False)
+    they are pinned to their ``index``-th tile too, so parallel compile jobs cover their tiles as well.
     Returns ``(ms, max relative error vs the fp32 reference, status)``."""
     from medadapt.kernels.fused_adapter import triton_launch as tl_
 
-    tuner = _tuners()[kind]
-    configs, saved = _fitting(tuner, width // 4), tuner.configs
-    tuner.configs = [configs[index]]
-    tuner.cache.clear()
+    tuners = _tuners()[kind]
+    pinned = tuners if not time_it else tuners[:1]
+    saved = [t.configs for t in pinned]
+    for t in pinned:
+        configs = _fitting(t, width // 4)
+        t.configs = [configs[index % len(configs)]]
+    tuners[0].cache.clear()
     tl_._chosen.clear()
     try:
         fn = _call(kind, case or _case(width, batch, grid))
@@ -120,8 +130,9 @@ def _run_one(kind: str, width: int, batch: int, index: int, time_it: bool, case=
     except Exception as err:  # OutOfResources (shared memory) and friends: recorded, not fatal
         return float("nan"), float("nan"), f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
     finally:
-        tuner.configs = saved
-        tuner.cache.clear()
+        for t, configs in zip(pinned, saved):
+            t.configs = configs
+            t.cache.clear()
         tl_._chosen.clear()
 
 
@@ -133,8 +144,8 @@ def _compile_job(job) -> str:
 def precompile(widths, jobs: int) -> float:
     """Compile every (kind, width, tile shape) in ``jobs`` processes; returns the seconds it took."""
     start = time.time()
-    work = [(kind, w, i) for w in widths for kind, tuner in _tuners().items()
-            for i in range(len(_fitting(tuner, w // 4)))]
+    work = [(kind, w, i) for w in widths for kind, tuners in _tuners().items()
+            for i in range(max(len(_fitting(t, w // 4)) for t in tuners))]
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         list(pool.map(_compile_job, work))
     return time.time() - start
@@ -220,8 +231,8 @@ def main(argv=None) -> list[dict]:
             case = _case(width, batch, grid)
             reference = _reference(case)
             base = {**env, "model": model, "width": width, "hidden": width // 4, "batch": batch, "dtype": "bf16"}
-            for kind, tuner in _tuners().items():
-                for i, config in enumerate(_fitting(tuner, width // 4)):
+            for kind, tuners in _tuners().items():
+                for i, config in enumerate(_fitting(tuners[0], width // 4)):
                     ms, err, status = _run_one(kind, width, batch, i, time_it=True, case=case, reference=reference)
                     rows.append({**base, "kind": kind, "config": _config_name(config), "ms": ms,
                                  "max_rel_err": err, "status": status})
@@ -235,7 +246,8 @@ def main(argv=None) -> list[dict]:
 
 def _config_name(config) -> str:
     k = config.kwargs
-    return f"M{k['BLOCK_M']}-K{k['BLOCK_K']}-N{k['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
+    tiles = f"C{k['BLOCK_C']}-v{k['WAVES']}" if "BLOCK_C" in k else f"K{k['BLOCK_K']}-N{k['BLOCK_N']}"
+    return f"M{k['BLOCK_M']}-{tiles}-w{config.num_warps}-s{config.num_stages}"
 
 
 def _print_best(rows: list[dict], model: str, batch: int) -> None:

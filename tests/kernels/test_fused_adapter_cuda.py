@@ -52,28 +52,29 @@ def test_sam_widths_bf16(width, hidden, monkeypatch):
     _check(*_problem((3, 37, 41), width, hidden))
 
 
-@pytest.mark.parametrize("dx_mode", ["kernel", "gemm"])
+MODES = ["dx_loop", "cublas", "wgrad_kernel"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("width,hidden", [(768, 192), (1280, 320)])
-def test_every_tile_configuration(width, hidden, dx_mode, monkeypatch):
-    """Each tile shape the autotuner may pick for this hidden width, with dx in the kernel or as a GEMM."""
+def test_every_tile_configuration(width, hidden, mode, monkeypatch):
+    """Each tile shape the autotuner may pick for this hidden width, in each backward mode (dx in the
+    fused kernel, cuBLAS, the weight-gradient kernel: its tiles too)."""
     from triton.runtime.errors import OutOfResources
 
     from medadapt.kernels.fused_adapter import triton_launch
     from medadapt.kernels.fused_adapter.triton_kernels import hidden_split
 
     monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
-    monkeypatch.setattr(triton_launch, "DX_MODE", dx_mode)
+    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", mode)
     tensors, grad = _problem((2, 23, 29), width, hidden, seed=1)
-    bwd = triton_launch._bwd_dx if dx_mode == "kernel" else triton_launch._bwd
-
-    def fitting(tuner):
-        return triton_launch._fitting_configs(tuner.configs, sum(hidden_split(hidden)))
-
-    fwd_configs, bwd_configs = fitting(triton_launch._fwd), fitting(bwd)
+    tuners = [triton_launch._fwd, triton_launch._bwd_dx if mode == "dx_loop" else triton_launch._bwd]
+    tuners += [triton_launch._wgrad] if mode == "wgrad_kernel" else []
+    lists = [triton_launch._fitting_configs(t.configs, sum(hidden_split(hidden))) for t in tuners]
     ran = 0
-    for i in range(max(len(fwd_configs), len(bwd_configs))):
-        monkeypatch.setattr(triton_launch._fwd, "configs", [fwd_configs[i % len(fwd_configs)]])
-        monkeypatch.setattr(bwd, "configs", [bwd_configs[i % len(bwd_configs)]])
+    for i in range(max(map(len, lists))):
+        for tuner, configs in zip(tuners, lists):
+            monkeypatch.setattr(tuner, "configs", [configs[i % len(configs)]])
         monkeypatch.setattr(triton_launch, "_chosen", {})  # the launcher's memory of the autotuner's choice
         try:
             _check(tensors, grad)
@@ -83,13 +84,13 @@ def test_every_tile_configuration(width, hidden, dx_mode, monkeypatch):
     assert ran > 0
 
 
-@pytest.mark.parametrize("dx_mode", ["kernel", "gemm"])
-def test_sequential_adapter_folds_residual_gradient(dx_mode, monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_sequential_adapter_folds_residual_gradient(mode, monkeypatch):
     """``residual=x`` (Med-SA's space adapter): dx = g + adapter gradient from one GEMM epilogue or store."""
     from medadapt.kernels.fused_adapter import triton_launch
 
     monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
-    monkeypatch.setattr(triton_launch, "DX_MODE", dx_mode)
+    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", mode)
     tensors, grad = _problem((2, 21, 19), 768, 192, seed=4)
     results = {}
     for name, fn, dtype in (("exact", fused_adapter_reference, torch.float64),

@@ -104,15 +104,19 @@ def test_low_precision_as_accurate_as_reference(dtype, activation, hidden):
         assert err <= 2.0 * ref_err + 4e-3 * size, f"{name}: error {err:.3g}, reference's {ref_err:.3g}"
 
 
-@pytest.mark.parametrize("dx_mode", ["kernel", "gemm"])
+BACKWARD_MODES = ["dx_loop", "cublas", "wgrad_kernel"]
+
+
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", ["x", "separate"])
-def test_dx_modes_and_sequential_adapter(dx_mode, dtype, residual, monkeypatch):
-    """dx in the fused kernel or as a GEMM on dpre; ``residual=x`` (the sequential adapter) folds the
-    residual's gradient into dx: both match the reference, which lets autograd add the two paths."""
+def test_backward_modes_and_sequential_adapter(mode, dtype, residual, monkeypatch):
+    """dx in the fused kernel, as a GEMM on dpre or in the weight-gradient kernel; ``residual=x`` (the
+    sequential adapter) folds the residual's gradient into dx: all match the reference, which lets
+    autograd add the two paths."""
     from medadapt.kernels.fused_adapter import triton_launch
 
-    monkeypatch.setattr(triton_launch, "DX_MODE", dx_mode)
+    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", mode)
     tensors, grad = _problem((3, 7, 5, 40), 40, 12, dtype, seed=3)
     tensors["residual"] = None
     leaves = {k: v.detach().to(DEVICE, dtype).requires_grad_() for k, v in tensors.items() if v is not None}
@@ -147,25 +151,64 @@ def test_launcher_remembers_the_autotuned_configuration(monkeypatch):
     from medadapt.kernels.fused_adapter import triton_launch
 
     monkeypatch.setattr(triton_launch, "_chosen", {})
+    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", "wgrad_kernel")
     tensors, grad = _problem((2, 9, 40), 40, 12, torch.float32, seed=5)
     first, _ = _run(fused_adapter, tensors, grad, torch.float32, 0.5, "gelu")
-    assert len(triton_launch._chosen) == 2  # the forward kernel and the backward kernel
+    assert len(triton_launch._chosen) == 3  # the forward kernel and the two backward kernels
     assert all(isinstance(c, triton_launch.triton.Config) for c in triton_launch._chosen.values())
     again, _ = _run(fused_adapter, tensors, grad, torch.float32, 0.5, "gelu")
-    assert len(triton_launch._chosen) == 2
+    assert len(triton_launch._chosen) == 3
     for name in first:
         assert torch.equal(first[name], again[name]), name
     _run(fused_adapter, tensors, grad, torch.float32, 0.5, "relu")  # other flags: tuned separately
-    assert len(triton_launch._chosen) == 4
+    assert len(triton_launch._chosen) == 5  # the weight-gradient kernel has no activation flag
 
 
-def test_dx_mode_rejects_unknown_value():
+@pytest.mark.parametrize(
+    "rows,width,c_out,hidden,needs",
+    [
+        (150, 24, 24, 12, (True,) * 5),  # one column slice, four row chunks, the last one empty
+        (105, 40, 40, 48, (True,) * 5),  # two slices, hidden split 32 + 16
+        (131, 33, 17, 20, (True,) * 5),  # C_out < C: slices cover the wider of the two
+        (70, 17, 40, 12, (False, True, True, True, True)),  # C_out > C, no dx
+        (70, 40, 40, 12, (True, False, False, False, True)),  # db_up alone
+    ],
+)
+def test_weight_gradient_kernel_matches_float64(rows, width, c_out, hidden, needs):
+    """The second backward pass: dx, dW_down, db_down, dW_up, db_up from fp32 partial sums per row chunk."""
+    from medadapt.kernels.fused_adapter.reference import fused_adapter_reference as ref
+    from medadapt.kernels.fused_adapter.triton_launch import adapter_backward
+
+    gen = torch.Generator().manual_seed(rows)
+    x, g = torch.randn(rows, width, generator=gen), torch.randn(rows, c_out, generator=gen)
+    w_down, b_down = torch.randn(hidden, width, generator=gen) * width**-0.5, torch.randn(hidden, generator=gen)
+    w_up, b_up = torch.randn(c_out, hidden, generator=gen) * hidden**-0.5, torch.randn(c_out, generator=gen)
+    leaves = [t.double().requires_grad_() for t in (x, w_down, b_down, w_up, b_up)]
+    exact = torch.autograd.grad(ref(*leaves, scale=0.7, activation="gelu_tanh"), leaves, g.double())
+    got = adapter_backward(*(t.to(DEVICE) for t in (x, w_down, b_down, w_up, g)), 0.7, "gelu_tanh", needs,
+                           backward_mode="wgrad_kernel")
+    for name, need, have, want in zip(LEAVES, needs, got, exact):
+        if not need:
+            assert have is None, name
+            continue
+        torch.testing.assert_close(have.double().cpu(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item(),
+                                   msg=lambda m, name=name: f"d_{name}: {m}")
+
+
+def test_weight_gradient_part_offsets():
+    from medadapt.kernels.fused_adapter.triton_kernels import wgrad_part_offsets
+
+    assert wgrad_part_offsets(768, 768, 192) == (147456, 294912, 295680, 295872)
+    assert wgrad_part_offsets(5, 3, 2) == (10, 16, 19, 21)
+
+
+def test_backward_mode_rejects_unknown_value():
     from medadapt.kernels.fused_adapter.triton_launch import adapter_backward
 
     x = torch.randn(4, 40, device=DEVICE)
     w_down, w_up = torch.randn(12, 40, device=DEVICE), torch.randn(40, 12, device=DEVICE)
-    with pytest.raises(ValueError, match="dx_mode"):
-        adapter_backward(x, w_down, None, w_up, x, 1.0, "gelu", (True,) * 5, dx_mode="fused")
+    with pytest.raises(ValueError, match="backward_mode"):
+        adapter_backward(x, w_down, None, w_up, x, 1.0, "gelu", (True,) * 5, backward_mode="fused")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -240,6 +283,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     compile_kernel("fwd", 192, (64, 64, 64, 8, 3))
     compile_kernel("bwd", 320, (64, 64, 64, 8, 3))
     compile_kernel("bwd_dx", 192, (64, 64, 128, 8, 3))
+    compile_kernel("wgrad", 320, (64, 32, 1, 8, 3))
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from medadapt.kernels.fused_adapter.triton_kernels import column_sum_kernel

@@ -6,9 +6,11 @@ registers, then per ``BLOCK_N`` output columns ``out = residual + scale · (h W_
 
 Backward, per block: recompute ``pre`` and ``h``; ``dh = g W_up`` over the output columns;
 ``dpre = scale · dh ⊙ act'(pre)``; ``[h | 1]`` and ``dpre`` are written (``M × H``, a quarter of ``x`` at
-ratio 0.25) for the weight- and bias-gradient GEMMs the launcher runs with cuBLAS (deterministic: no
-atomics, no cross-block partial sums). ``dx = dpre W_down`` is either a third loop of the same kernel or
-one more GEMM on the stored ``dpre`` (the launcher's ``dx_mode``).
+ratio 0.25). The rest of the backward is one of (the launcher's ``backward_mode``):
+``wgrad_kernel``: a second kernel reads ``x`` and ``g`` once more, column slice by column slice, and gives
+``dx``, both weight gradients and both bias gradients in that one pass (fp32 partial sums per row chunk,
+summed by the launcher: deterministic, no atomics); ``cublas``: GEMMs on the stored ``[h | 1]`` and
+``dpre``; ``dx_loop``: ``dx`` as a third loop of the first kernel, the weight gradients by cuBLAS.
 
 The hidden width ``H`` is held as two power-of-two parts ``HA + HB ≥ H`` (each ≥ 16, masked), so
 192 = 128 + 64 and 320 = 256 + 64 waste nothing; ``HB = 0`` drops the second part at compile time.
@@ -22,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["ACTIVATION_CODES", "adapter_bwd_kernel", "adapter_fwd_kernel", "column_sum_kernel", "hidden_split"]
+__all__ = ["ACTIVATION_CODES", "adapter_bwd_kernel", "adapter_fwd_kernel", "adapter_wgrad_kernel", "column_sum_kernel",
+           "hidden_split", "wgrad_part_offsets"]
 
 ACTIVATION_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
 
@@ -164,13 +167,15 @@ def adapter_bwd_kernel(
     stride_gm, stride_gn, stride_dxm, stride_dxc, stride_hm, stride_dpm,
     scale,
     ACT: tl.constexpr, HAS_BD: tl.constexpr, DX_IN_KERNEL: tl.constexpr, ADD_G_TO_DX: tl.constexpr,
-    STORE_H: tl.constexpr, STORE_DPRE: tl.constexpr, GATE_FP16: tl.constexpr, HA: tl.constexpr, HB: tl.constexpr,
+    STORE_H: tl.constexpr, ONES_COLUMN: tl.constexpr, STORE_DPRE: tl.constexpr, GATE_FP16: tl.constexpr,
+    HA: tl.constexpr, HB: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Per token block: ``[h | 1 0 … 0] = [act(pre) | e₁]`` (``H + 8`` columns), ``dpre = scale · (g W_up) ⊙
-    act'(pre)`` and, with ``DX_IN_KERNEL``, the rows of ``dx = dpre W_down`` (``+ g`` with ``ADD_G_TO_DX``,
-    the sequential adapter's residual path); otherwise the launcher runs ``dx`` as one GEMM on ``dpre``.
+    """Per token block: ``h = act(pre)`` (``[h | 1 0 … 0]``, ``H + 8`` columns, with ``ONES_COLUMN``),
+    ``dpre = scale · (g W_up) ⊙ act'(pre)`` and, with ``DX_IN_KERNEL``, the rows of ``dx = dpre W_down``
+    (``+ g`` with ``ADD_G_TO_DX``, the sequential adapter's residual path); otherwise ``dx`` comes later
+    (a cuBLAS GEMM on ``dpre`` or the weight-gradient kernel).
 
     The ones column lets one GEMM ``gᵀ [h | e₁]`` give both ``dW_up`` and ``db_up`` (a column sum of ``g``
     inside the loop cost more than the whole GEMM on an H100: cross-warp reductions stall the pipeline).
@@ -198,9 +203,10 @@ def adapter_bwd_kernel(
         if HB > 0:
             tl.store(h_rows + hid_b[None, :], _cast(_act(pre_b, ACT), compute_dtype, UPCAST),
                      mask=row_ok[:, None] & (hid_b[None, :] < H))
-        pad = tl.arange(0, 8)
-        tl.store(h_rows + H + pad[None, :], tl.where(pad[None, :] == 0, 1.0, 0.0).to(compute_dtype)
-                 + tl.zeros((BLOCK_M, 8), dtype=compute_dtype), mask=row_ok[:, None])
+        if ONES_COLUMN:
+            pad = tl.arange(0, 8)
+            tl.store(h_rows + H + pad[None, :], tl.where(pad[None, :] == 0, 1.0, 0.0).to(compute_dtype)
+                     + tl.zeros((BLOCK_M, 8), dtype=compute_dtype), mask=row_ok[:, None])
 
     dh_a = tl.zeros((BLOCK_M, HA), dtype=tl.float32)
     dh_b = tl.zeros((BLOCK_M, HB if HB > 0 else 16), dtype=tl.float32)
@@ -262,3 +268,114 @@ def column_sum_kernel(a_ptr, part_ptr, M, N, stride_am, BLOCK_M: tl.constexpr, B
         acc += tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :],
                        mask=(rows[:, None] < M) & (cols[None, :] < N), other=0.0).to(tl.float32)
     tl.store(part_ptr + pid * BLOCK_N + cols, tl.sum(acc, axis=0), mask=cols < N)
+
+
+def wgrad_part_offsets(C: int, C_out: int, H: int) -> tuple[int, int, int, int]:
+    """Where ``dW_down (H×C)``, ``dW_up (C_out×H)``, ``db_up (C_out)``, ``db_down (H)`` start in one row of the
+    weight-gradient kernel's fp32 partial sums, and the row's length."""
+    o_wu = H * C
+    o_bu = o_wu + C_out * H
+    o_bd = o_bu + C_out
+    return o_wu, o_bu, o_bd, o_bd + H
+
+
+@triton.jit
+def _store_part(ptr, acc, first, second, first_ok, second_ok, stride_first):
+    tl.store(ptr + first[:, None] * stride_first + second[None, :], acc, mask=first_ok[:, None] & second_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def adapter_wgrad_kernel(
+    x_ptr, g_ptr, h_ptr, dpre_ptr, wd_ptr, dx_ptr, part_ptr,
+    M, C, H, C_OUT, M_BUCKET,
+    stride_xm, stride_xc, stride_gm, stride_gn, stride_hm, stride_dpm, stride_wdh, stride_wdc,
+    stride_dxm, stride_dxc, stride_part,
+    scale,
+    DX: tl.constexpr, ADD_G_TO_DX: tl.constexpr, HA: tl.constexpr, HB: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, WAVES: tl.constexpr,
+):
+    """Program ``(j, s)``: columns ``j·BLOCK_C …`` of ``x``/``g`` over the ``s``-th chunk of row blocks.
+
+    Sums over its rows ``dpreᵀ x`` (``dW_down[:, cols]``), ``scale · gᵀ h`` (``dW_up[cols, :]``),
+    ``scale · Σ g`` (``db_up[cols]``) and, in slice 0, ``Σ dpre`` (``db_down``), all in fp32 (the bias
+    sums as products with a ones block, which keeps the loop a chain of ``tl.dot``s: an in-loop
+    ``tl.sum`` broke the pipelined loop on an H100); with ``DX`` it also writes
+    ``dx[rows, cols] = dpre W_down[:, cols]`` (``+ g`` with ``ADD_G_TO_DX``). The partial sums go to row
+    ``s`` of ``part`` (``wgrad_part_offsets``); the launcher adds the rows. ``WAVES`` only sets the grid.
+    Programs of one row chunk run side by side, so ``h`` and ``dpre`` come from HBM once and from L2 for
+    the other column slices, while ``x`` and ``g`` are read exactly once.
+    """
+    j = tl.program_id(0)
+    s = tl.program_id(1)
+    n_blocks = tl.cdiv(M, BLOCK_M)
+    per_split = tl.cdiv(n_blocks, tl.num_programs(1))
+    cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    x_ok = cols < C
+    g_ok = cols < C_OUT
+    hid_a = tl.arange(0, HA)
+    hid_b = HA + tl.arange(0, HB if HB > 0 else 16)
+    ha_ok = hid_a < H
+    hb_ok = hid_b < H
+    HBW: tl.constexpr = HB if HB > 0 else 16
+    dtype = wd_ptr.dtype.element_ty
+    ones = tl.full((BLOCK_M, 16), 1.0, tl.float32).to(dtype)
+    acc_wd_a = tl.zeros((HA, BLOCK_C), dtype=tl.float32)
+    acc_wd_b = tl.zeros((HBW, BLOCK_C), dtype=tl.float32)
+    acc_wu_a = tl.zeros((BLOCK_C, HA), dtype=tl.float32)
+    acc_wu_b = tl.zeros((BLOCK_C, HBW), dtype=tl.float32)
+    acc_bu = tl.zeros((BLOCK_C, 16), dtype=tl.float32)
+    acc_bd_a = tl.zeros((HA, 16), dtype=tl.float32)
+    acc_bd_b = tl.zeros((HBW, 16), dtype=tl.float32)
+    if DX:
+        wd_a = tl.load(wd_ptr + hid_a[:, None] * stride_wdh + cols[None, :] * stride_wdc,
+                       mask=ha_ok[:, None] & x_ok[None, :], other=0.0)
+        wd_b = tl.load(wd_ptr + hid_b[:, None] * stride_wdh + cols[None, :] * stride_wdc,
+                       mask=hb_ok[:, None] & x_ok[None, :], other=0.0)
+    first = s * per_split
+    last = tl.minimum(first + per_split, n_blocks)
+    for blk in range(first, last):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        rows64 = rows.to(tl.int64)
+        # transposed tiles ([hidden, rows], [cols, rows]) are the left operands of the row-sum products
+        dpre_t_a = tl.load(dpre_ptr + rows64[None, :] * stride_dpm + hid_a[:, None],
+                           mask=ha_ok[:, None] & row_ok[None, :], other=0.0)
+        x_tile = _cast(tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xc,
+                               mask=row_ok[:, None] & x_ok[None, :], other=0.0), dtype, UPCAST)
+        g_t = _cast(tl.load(g_ptr + rows64[None, :] * stride_gm + cols[:, None] * stride_gn,
+                            mask=g_ok[:, None] & row_ok[None, :], other=0.0), dtype, UPCAST)
+        h_a = tl.load(h_ptr + rows64[:, None] * stride_hm + hid_a[None, :], mask=row_ok[:, None] & ha_ok[None, :],
+                      other=0.0)
+        acc_wd_a = _mm(dpre_t_a, x_tile, acc_wd_a, PRECISION, UPCAST)
+        acc_bd_a = _mm(dpre_t_a, ones, acc_bd_a, PRECISION, UPCAST)
+        acc_wu_a = _mm(g_t, h_a, acc_wu_a, PRECISION, UPCAST)
+        acc_bu = _mm(g_t, ones, acc_bu, PRECISION, UPCAST)
+        if HB > 0:
+            dpre_t_b = tl.load(dpre_ptr + rows64[None, :] * stride_dpm + hid_b[:, None],
+                               mask=hb_ok[:, None] & row_ok[None, :], other=0.0)
+            h_b = tl.load(h_ptr + rows64[:, None] * stride_hm + hid_b[None, :],
+                          mask=row_ok[:, None] & hb_ok[None, :], other=0.0)
+            acc_wd_b = _mm(dpre_t_b, x_tile, acc_wd_b, PRECISION, UPCAST)
+            acc_bd_b = _mm(dpre_t_b, ones, acc_bd_b, PRECISION, UPCAST)
+            acc_wu_b = _mm(g_t, h_b, acc_wu_b, PRECISION, UPCAST)
+        if DX:
+            dx = _mm(tl.trans(dpre_t_a), wd_a, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), PRECISION, UPCAST)
+            if HB > 0:
+                dx = _mm(tl.trans(dpre_t_b), wd_b, dx, PRECISION, UPCAST)
+            if ADD_G_TO_DX:  # the sequential adapter's residual: dx += g (C_OUT == C)
+                dx += tl.trans(g_t).to(tl.float32)
+            tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxc,
+                     _cast(dx, dx_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & x_ok[None, :])
+    part = part_ptr + s.to(tl.int64) * stride_part
+    o_wu = H * C
+    o_bu = o_wu + C_OUT * H
+    o_bd = o_bu + C_OUT
+    _store_part(part, acc_wd_a, hid_a, cols, ha_ok, x_ok, C)
+    _store_part(part + o_wu, acc_wu_a * scale, cols, hid_a, g_ok, ha_ok, H)
+    first_col = tl.arange(0, 16)[None, :] == 0
+    tl.store(part + o_bu + cols, tl.sum(tl.where(first_col, acc_bu, 0.0), axis=1) * scale, mask=g_ok)
+    tl.store(part + o_bd + hid_a, tl.sum(tl.where(first_col, acc_bd_a, 0.0), axis=1), mask=ha_ok & (j == 0))
+    if HB > 0:
+        _store_part(part, acc_wd_b, hid_b, cols, hb_ok, x_ok, C)
+        _store_part(part + o_wu, acc_wu_b * scale, cols, hid_b, g_ok, hb_ok, H)
+        tl.store(part + o_bd + hid_b, tl.sum(tl.where(first_col, acc_bd_b, 0.0), axis=1), mask=hb_ok & (j == 0))

@@ -3,8 +3,9 @@
 On a GPU each kernel is autotuned per token-count bucket, ``(C, C_out, H)`` and dtype over a few tile
 shapes (pruned by the hidden width each holds in registers); later calls launch the chosen configuration
 directly. Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU) one small configuration runs, so
-tests stay fast. Backward: one fused kernel (``h``, ``dpre``), then cuBLAS for ``dx``, ``dW_down`` and
-``[dW_up | db_up]``, and a column-sum kernel for ``db_down``.
+tests stay fast. Backward: one fused kernel (``h``, ``dpre``), then (``backward_mode``) either the
+weight-gradient kernel (``dx``, both weight and both bias gradients in one more pass over ``x`` and ``g``)
+or cuBLAS for ``dx``, ``dW_down`` and ``[dW_up | db_up]`` with a column-sum kernel for ``db_down``.
 Importing this module imports Triton.
 """
 
@@ -17,11 +18,20 @@ import triton
 
 from .._dispatch import interpret_mode
 from .reference import scaled_matmul
-from .triton_kernels import ACTIVATION_CODES, adapter_bwd_kernel, adapter_fwd_kernel, column_sum_kernel, hidden_split
+from .triton_kernels import (
+    ACTIVATION_CODES,
+    adapter_bwd_kernel,
+    adapter_fwd_kernel,
+    adapter_wgrad_kernel,
+    column_sum_kernel,
+    hidden_split,
+    wgrad_part_offsets,
+)
 
-__all__ = ["DX_MODE", "adapter_backward", "adapter_forward", "column_sum"]
+__all__ = ["BACKWARD_MODE", "adapter_backward", "adapter_forward", "column_sum"]
 
 _INTERPRETER_CONFIG = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+_INTERPRETER_WGRAD_CONFIG = [triton.Config({"BLOCK_M": 32, "BLOCK_C": 32, "WAVES": 1}, num_warps=4, num_stages=1)]
 
 
 # (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages, widest padded hidden block it is tried with). From sm_90
@@ -36,16 +46,33 @@ _BWD_SHAPES = [(64, 64, 64, 8, 2, 320), (64, 64, 64, 8, 3, 320), (64, 64, 128, 8
 _BWD_DX_SHAPES = [(64, 64, 64, 8, 2, 320), (64, 64, 64, 8, 3, 320), (64, 64, 128, 8, 3, 192), (32, 64, 64, 4, 3, 192),
                   (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256)]
 
-# dx = dpre W_down as one cuBLAS GEMM on the stored dpre beat a third loop of the fused kernel in every
-# SAM case on an H100 (bf16, graph-replayed backward: 76 vs 82 µs at ViT-B batch 1, 288 vs 307 µs at
-# batch 8, 441 vs 610 µs at ViT-H batch 8; benchmarks/results/adapter_tuning_nvidia_h100_80gb_hbm3.csv)
-DX_MODE = "gemm"
-_DX_MODES = ("kernel", "gemm")
+# Weight-gradient kernel: (BLOCK_M, BLOCK_C, num_warps, num_stages, programs per SM, widest padded hidden
+# block). Each program holds dW_down[:, cols] and dW_up[cols, :] in fp32 registers (2 · hidden · BLOCK_C);
+# each pipeline stage buffers dpreᵀ and h (2 · hidden · BLOCK_M) and the x and g tiles in shared memory.
+# From sm_90 compiles (benchmarks/adapter_registers.py --kernel wgrad, bf16): the first seven neither spill
+# (64 B at most) nor exceed 227 KB of shared memory at their widest hidden block; every shape uses 234-255
+# registers per thread, so one program per SM. The last spills (528 B at hidden 320) but is the only one
+# whose stages fit fp32 operands at hidden 320 (fp32 keeps the smallest row blocks: ``_prune``).
+_WGRAD_SHAPES = [(64, 64, 8, 2, 1, 256), (64, 64, 8, 3, 1, 192), (32, 64, 8, 3, 1, 192), (32, 64, 8, 2, 1, 192),
+                 (64, 32, 8, 3, 1, 256), (64, 32, 8, 2, 1, 320), (64, 64, 16, 2, 1, 256), (32, 32, 8, 2, 1, 320)]
+
+# After the fused kernel: "dx_loop" (dx as a third loop of it, weight gradients by cuBLAS), "cublas" (dx and
+# the weight gradients as GEMMs on the stored h and dpre), "wgrad_kernel" (one more Triton pass). dx as a
+# cuBLAS GEMM beat the third loop in every SAM case on an H100 (bf16, graph-replayed backward: 76 vs 82 µs
+# at ViT-B batch 1, 288 vs 307 µs at batch 8, 441 vs 610 µs at ViT-H batch 8;
+# benchmarks/results/adapter_tuning_nvidia_h100_80gb_hbm3.csv).
+BACKWARD_MODE = "cublas"
+_BACKWARD_MODES = ("dx_loop", "cublas", "wgrad_kernel")
 
 
 def _gpu_configs(shapes) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_K": k, "BLOCK_N": n, "MAX_HIDDEN": widest}, num_warps=w, num_stages=s)
             for m, k, n, w, s, widest in shapes]
+
+
+def _wgrad_configs(shapes) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_C": c, "WAVES": waves, "MAX_HIDDEN": widest}, num_warps=w,
+                          num_stages=s) for m, c, w, s, waves, widest in shapes]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -71,23 +98,24 @@ def _untagged(config: triton.Config) -> triton.Config:
     return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _tuned(kernel, shapes):
+def _tuned(kernel, configs, interpreter_configs, key=("M_BUCKET", "C", "C_OUT", "H")):
     if interpret_mode():
-        return triton.autotune(configs=_INTERPRETER_CONFIG, key=["M_BUCKET", "C", "C_OUT", "H"])(kernel)
-    return triton.autotune(configs=_gpu_configs(shapes), key=["M_BUCKET", "C", "C_OUT", "H"],
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
+        return triton.autotune(configs=interpreter_configs, key=list(key))(kernel)
+    return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
-_fwd = _tuned(adapter_fwd_kernel, _FWD_SHAPES)
-_bwd = _tuned(adapter_bwd_kernel, _BWD_SHAPES)  # dx by cuBLAS
-_bwd_dx = _tuned(adapter_bwd_kernel, _BWD_DX_SHAPES)  # dx in the kernel
+_fwd = _tuned(adapter_fwd_kernel, _gpu_configs(_FWD_SHAPES), _INTERPRETER_CONFIG)
+_bwd = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_SHAPES), _INTERPRETER_CONFIG)  # dx elsewhere
+_bwd_dx = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_DX_SHAPES), _INTERPRETER_CONFIG)  # dx in the kernel
+_wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG,
+                key=("M_BUCKET", "C", "C_OUT", "H"))
 
 
 _chosen: dict[tuple, triton.Config] = {}
 
 
-def _launch(tuner, M: int, shape_key: tuple, args: tuple, constexprs: dict) -> None:
-    """Launch an autotuned kernel over ``cdiv(M, BLOCK_M)`` programs.
+def _launch(tuner, grid, shape_key: tuple, args: tuple, constexprs: dict) -> triton.Config:
+    """Launch an autotuned kernel over ``grid(meta)`` programs; returns the configuration it ran.
 
     The autotuner runs on the first call per kernel, tuning key (token bucket, widths, dtypes) and
     flags; later calls launch the plain JIT function with the configuration it chose, skipping the
@@ -97,10 +125,15 @@ def _launch(tuner, M: int, shape_key: tuple, args: tuple, constexprs: dict) -> N
            tuple(constexprs.values()))
     config = _chosen.get(key)
     if config is None:
-        tuner[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](*args, **constexprs)
-        _chosen[key] = tuner.best_config
-        return
-    tuner.fn[(triton.cdiv(M, config.kwargs["BLOCK_M"]),)](*args, **constexprs, **config.all_kwargs())
+        tuner[grid](*args, **constexprs)
+        _chosen[key] = config = tuner.best_config
+        return config
+    tuner.fn[grid(config.all_kwargs())](*args, **constexprs, **config.all_kwargs())
+    return config
+
+
+def _row_blocks(M: int):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
 
 
 def _bucket(tokens: int) -> int:
@@ -124,7 +157,7 @@ def adapter_forward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor
     out = torch.empty((M, C_out), device=x2.device, dtype=out_dtype)
     res = residual2 if residual2 is not None else out
     ha, hb = hidden_split(H)
-    _launch(_fwd, M, (_bucket(M), C, C_out, H), (
+    _launch(_fwd, _row_blocks(M), (_bucket(M), C, C_out, H), (
         x2, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up, res, out,
         M, C, H, C_out, _bucket(M),
         x2.stride(0), x2.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
@@ -139,36 +172,42 @@ def adapter_forward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor
 
 def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, w_up: torch.Tensor,
                      grad2: torch.Tensor, scale: float, activation: str, needs: tuple[bool, bool, bool, bool, bool],
-                     add_grad_to_dx: bool = False, dx_mode: str | None = None):
-    """Every gradient of one adapter call from one pass over the tokens plus cuBLAS weight GEMMs.
+                     add_grad_to_dx: bool = False, backward_mode: str | None = None):
+    """Every gradient of one adapter call: one fused pass over the tokens, then the weight gradients.
 
     Args:
         x2, grad2: ``(M, C)`` input and ``(M, C_out)`` output gradient (any strides).
         needs: which of ``(dx, dW_down, db_down, dW_up, db_up)`` to compute.
         add_grad_to_dx: ``dx += grad`` (the sequential adapter, whose residual is ``x`` itself).
-        dx_mode: ``"kernel"`` (a third loop of the fused kernel), ``"gemm"`` (cuBLAS on the stored
-            ``dpre``, with ``grad`` as the GEMM's addend) or None for ``DX_MODE``.
+        backward_mode: ``"wgrad_kernel"`` (dx and every weight and bias gradient from a second Triton
+            pass), ``"cublas"`` (GEMMs on the stored ``h`` and ``dpre``, ``grad`` as dx's addend),
+            ``"dx_loop"`` (dx as a third loop of the fused kernel, weights by cuBLAS) or None for
+            ``BACKWARD_MODE``. With no weight gradient needed, ``wgrad_kernel`` runs dx as ``cublas``.
 
     Returns:
         ``(dx, dW_down, db_down, dW_up, db_up)``, None where not needed; dx in x's dtype, the others in
         the weights' dtype.
     """
     need_dx, need_dwd, need_dbd, need_dwu, need_dbu = needs
-    dx_mode = dx_mode or DX_MODE
-    if dx_mode not in _DX_MODES:
-        raise ValueError(f"dx_mode must be one of {_DX_MODES}, got {dx_mode!r}")
+    mode = backward_mode or BACKWARD_MODE
+    if mode not in _BACKWARD_MODES:
+        raise ValueError(f"backward_mode must be one of {_BACKWARD_MODES}, got {mode!r}")
+    if mode == "wgrad_kernel" and not any(needs[1:]):
+        mode = "cublas"
     M, C = x2.shape
     H, C_out = w_down.shape[0], w_up.shape[0]
     dtype, device = w_up.dtype, x2.device
-    dx_in_kernel = need_dx and dx_mode == "kernel"
-    store_dpre = need_dwd or need_dbd or (need_dx and not dx_in_kernel)
+    second_pass = mode == "wgrad_kernel"
+    dx_in_kernel = need_dx and mode == "dx_loop"
+    store_dpre = second_pass or need_dwd or need_dbd or (need_dx and not dx_in_kernel)
     kernel = _bwd_dx if dx_in_kernel else _bwd
     dx = torch.empty((M, C), device=device, dtype=x2.dtype) if dx_in_kernel else None
-    h1 = torch.empty((M, H + 8), device=device, dtype=dtype) if need_dwu or need_dbu else None
+    h_width = H if second_pass else H + 8  # the cuBLAS path's ones column gives db_up from the dW_up GEMM
+    h1 = torch.empty((M, h_width), device=device, dtype=dtype) if second_pass or need_dwu or need_dbu else None
     dpre = torch.empty((M, H), device=device, dtype=dtype) if store_dpre else None
     dummy = x2  # never written: its stores are compiled out
     ha, hb = hidden_split(H)
-    _launch(kernel, M, (_bucket(M), C, C_out, H), (
+    _launch(kernel, _row_blocks(M), (_bucket(M), C, C_out, H), (
         x2, w_down, b_down if b_down is not None else w_down, w_up, grad2,
         _or(dx, dummy), _or(h1, dummy), _or(dpre, dummy),
         M, C, H, C_out, _bucket(M),
@@ -179,10 +218,13 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
         float(scale),
     ), dict(
         ACT=ACTIVATION_CODES[activation], HAS_BD=b_down is not None, DX_IN_KERNEL=dx_in_kernel,
-        ADD_G_TO_DX=dx_in_kernel and add_grad_to_dx, STORE_H=h1 is not None, STORE_DPRE=store_dpre,
-        GATE_FP16=dtype in (torch.float16, torch.bfloat16), HA=ha, HB=hb, PRECISION=_precision(x2.dtype),
-        UPCAST=interpret_mode(),
+        ADD_G_TO_DX=dx_in_kernel and add_grad_to_dx, STORE_H=h1 is not None, ONES_COLUMN=not second_pass,
+        STORE_DPRE=store_dpre, GATE_FP16=dtype in (torch.float16, torch.bfloat16), HA=ha, HB=hb,
+        PRECISION=_precision(x2.dtype), UPCAST=interpret_mode(),
     ))
+    if second_pass:
+        grads = _weight_gradient_pass(x2, grad2, h1, dpre, w_down, scale, need_dx, add_grad_to_dx)
+        return tuple(t if need else None for t, need in zip(grads, needs))
     d_w_up = d_b_up = None
     g = grad2.to(dtype)
     with torch.autocast(device_type=device.type, enabled=False):
@@ -196,6 +238,37 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
             d_w_up = up[:, :H].contiguous() if need_dwu else None
             d_b_up = up[:, H].contiguous() if need_dbu else None
     return dx, d_w_down, d_b_down, d_w_up, d_b_up
+
+
+def _weight_gradient_pass(x2, grad2, h, dpre, w_down, scale, need_dx, add_grad_to_dx):
+    """``(dx, dW_down, db_down, dW_up, db_up)`` from ``adapter_wgrad_kernel``: a grid of column slices × row
+    chunks (about ``WAVES`` programs per SM), each writing one row of fp32 partial sums; one ``sum(0)`` of
+    those rows and one cast give every weight and bias gradient (views of one buffer)."""
+    M, C = x2.shape
+    H, C_out = w_down.shape[0], grad2.shape[1]
+    width = max(C, C_out)
+    sms = _sm_count(x2.device)
+
+    def splits(meta) -> int:
+        return max(1, min(triton.cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // triton.cdiv(width, meta["BLOCK_C"])))
+
+    o_wu, o_bu, o_bd, total = wgrad_part_offsets(C, C_out, H)
+    part = torch.empty((max(splits(c.kwargs) for c in _wgrad.configs), total), device=x2.device,
+                       dtype=torch.float32)
+    dx = torch.empty((M, C), device=x2.device, dtype=x2.dtype) if need_dx else None
+    out = _or(dx, part)
+    ha, hb = hidden_split(H)
+    config = _launch(_wgrad, lambda meta: (triton.cdiv(width, meta["BLOCK_C"]), splits(meta)),
+                     (_bucket(M), C, C_out, H), (
+        x2, grad2, h, dpre, w_down, out, part,
+        M, C, H, C_out, _bucket(M),
+        x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0),
+        w_down.stride(0), w_down.stride(1), out.stride(0), out.stride(1), part.stride(0),
+        float(scale),
+    ), dict(DX=need_dx, ADD_G_TO_DX=need_dx and add_grad_to_dx, HA=ha, HB=hb, PRECISION=_precision(x2.dtype),
+            UPCAST=interpret_mode()))
+    sums = part[:splits(config.kwargs)].sum(0).to(w_down.dtype)
+    return (dx, sums[:o_wu].view(H, C), sums[o_bd:total], sums[o_wu:o_bu].view(C_out, H), sums[o_bu:o_bd])
 
 
 def column_sum(a: torch.Tensor) -> torch.Tensor:
