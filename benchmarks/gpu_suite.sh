@@ -3,7 +3,7 @@
 # Usage on the device machine (repo root, $OUT set):  bash benchmarks/gpu_suite.sh [part]
 #   part: all (default) | kernels (checks + tests + scan bench) | benches (adapter + finetune benches)
 #         | adapter (fused adapter: tile timings, CUDA tests, benchmark with and without CUDA graphs)
-#         | adapter_modes (tile timings of every backward mode, CUDA tests, the graph benchmark per mode)
+#         | adapter_modes (tile timings of every backward mode, CUDA tests, graph benchmark of wgrad_kernel)
 # Pure-Python extras (segment-anything, monai, nibabel) travel as wheels in .whl/.
 set -uo pipefail
 part=${1:-all}
@@ -34,9 +34,7 @@ log="$OUT/gpu_log_${part}.txt"
   if [[ $part == adapter_modes ]]; then
     timeout 220 python3 benchmarks/tune_adapter.py --out "$OUT"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py
-    for mode in wgrad_kernel cublas; do
-      timeout 150 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8 --backward-mode $mode
-    done
+    timeout 150 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8 --backward-mode wgrad_kernel
   fi
   if [[ $part == adapter ]]; then
     timeout 150 python3 benchmarks/tune_adapter.py --out "$OUT"

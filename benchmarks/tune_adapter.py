@@ -152,18 +152,26 @@ def precompile(widths, jobs: int) -> float:
 
 
 def _gemm_parts(case: dict) -> dict[str, float]:
-    """The backward's cuBLAS work alone: dW_down = dpreᵀ x (also as (xᵀ dpre)ᵀ), dW_up = s gᵀ [h | e₁],
-    dx = dpre W_down, db_down = Σ dpre."""
+    """The backward's parts after the fused kernel, alone: cuBLAS dW_down = dpreᵀ x (also as (xᵀ dpre)ᵀ),
+    dW_up = s gᵀ [h | e₁], dx = dpre W_down, torch's db_down = Σ dpre; and the whole weight-gradient pass
+    (``wgrad_pass``: its kernel, autotuned, plus the sum of its partial rows)."""
     from medadapt.kernels.fused_adapter.reference import scaled_matmul
+    from medadapt.kernels.fused_adapter.triton_launch import _weight_gradient_pass
 
     rows, hidden = case["x2"].shape[0], case["w_down"].shape[0]
     dpre = torch.randn(rows, hidden, device=DEVICE).bfloat16()
     h1 = torch.randn(rows, hidden + 8, device=DEVICE).bfloat16()
+    h = h1[:, :hidden].contiguous()
+    _weight_gradient_pass(case["x2"], case["g2"], h, dpre, case["w_down"], 0.5, True, False)  # autotune first
     return {"gemm_dw_down": _timed_ms(lambda: dpre.t() @ case["x2"]),
             "gemm_dw_down_transposed": _timed_ms(lambda: (case["x2"].t() @ dpre).t()),
             "gemm_dw_up_ones": _timed_ms(lambda: scaled_matmul(case["g2"].t(), h1, 0.5)),
             "gemm_dx": _timed_ms(lambda: dpre @ case["w_down"]),
-            "sum_db_down": _timed_ms(lambda: dpre.sum(0, dtype=torch.float32))}
+            "sum_db_down": _timed_ms(lambda: dpre.sum(0, dtype=torch.float32)),
+            "wgrad_pass": _timed_ms(lambda: _weight_gradient_pass(case["x2"], case["g2"], h, dpre, case["w_down"], 0.5,
+                                                                  True, False)),
+            "wgrad_pass_no_dx": _timed_ms(lambda: _weight_gradient_pass(case["x2"], case["g2"], h, dpre,
+                                                                        case["w_down"], 0.5, False, False))}
 
 
 def host_report(path: str, grid: int = 64, calls: int = 300) -> str:
@@ -236,7 +244,8 @@ def main(argv=None) -> list[dict]:
                     ms, err, status = _run_one(kind, width, batch, i, time_it=True, case=case, reference=reference)
                     rows.append({**base, "kind": kind, "config": _config_name(config), "ms": ms,
                                  "max_rel_err": err, "status": status})
-            rows += [{**base, "kind": part, "config": "cublas", "ms": ms, "status": "ok"}
+            rows += [{**base, "kind": part, "config": "triton" if part.startswith("wgrad") else "cublas", "ms": ms,
+                      "status": "ok"}
                      for part, ms in _gemm_parts(case).items()]
             _print_best(rows, model, batch)
     write_csv(os.path.join(args.out, f"adapter_tuning_{_slug(env['device'])}.csv"), rows)
