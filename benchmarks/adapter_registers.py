@@ -24,10 +24,12 @@ __all__ = ["compile_kernel", "compile_report"]
 _FLAGS = {
     "fwd": dict(HAS_BU=True, HAS_RES=True),
     "bwd": dict(DX_IN_KERNEL=False, ADD_G_TO_DX=False, STORE_H=True, ONES_COLUMN=False, STORE_DPRE=True,
-                GATE_FP16=True),
+                GATE_FP16=True, MERGED_LOOP=True),
+    "bwd_two_loops": dict(DX_IN_KERNEL=False, ADD_G_TO_DX=False, STORE_H=True, ONES_COLUMN=False, STORE_DPRE=True,
+                          GATE_FP16=True, MERGED_LOOP=False),
     "bwd_dx": dict(DX_IN_KERNEL=True, ADD_G_TO_DX=False, STORE_H=True, ONES_COLUMN=True, STORE_DPRE=True,
-                   GATE_FP16=True),
-    "wgrad": dict(DX=True, ADD_G_TO_DX=False),
+                   GATE_FP16=True, MERGED_LOOP=True),
+    "wgrad": dict(),
 }
 _WGRAD_SHAPES = [(64, 64, 1, 8, 2), (64, 64, 1, 8, 3), (32, 64, 1, 8, 3), (32, 64, 2, 4, 3), (64, 32, 2, 4, 3),
                  (64, 32, 1, 8, 3), (32, 32, 2, 4, 2), (128, 64, 1, 8, 2), (128, 32, 1, 8, 2)]
@@ -68,7 +70,12 @@ def compile_report(kernel: str, hidden: int, shape: tuple[int, int, int, int, in
     """Compile one tile shape (``compile_kernel``) and return its registers, stack bytes and shared memory."""
     import triton
 
-    compiled = compile_kernel(kernel, hidden, shape)
+    try:
+        compiled = compile_kernel(kernel, hidden, shape)
+    except Exception as err:  # ptxas out of registers and the like: reported as a row, not a traceback
+        last = [line for line in str(err).splitlines() if "fatal" in line or "Error" in line][:1]
+        return {"kernel": kernel, "hidden": hidden, "shape": shape, "regs": -1, "stack_bytes": -1, "shared": -1,
+                "error": (last or [type(err).__name__])[0][:100]}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -96,7 +103,7 @@ def _main() -> None:
     jobs = [(args.kernel, h, s) for h in args.hidden for s in shapes]
     with ProcessPoolExecutor(args.jobs) as pool:
         for r in pool.map(compile_report, *zip(*jobs)):
-            flag = "SPILLS" if r["stack_bytes"] > 0 else ""
+            flag = r.get("error") or ("SPILLS" if r["stack_bytes"] > 0 else "")
             print(f"{r['kernel']:6} H={r['hidden']:4} {str(r['shape']):22} regs {r['regs']:4} "
                   f"stack {r['stack_bytes']:6} smem {r['shared']:7} {flag}", flush=True)
     sys.exit(0)

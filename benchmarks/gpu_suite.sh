@@ -34,7 +34,7 @@ log="$OUT/gpu_log_${part}.txt"
   if [[ $part == adapter_modes ]]; then
     timeout 220 python3 benchmarks/tune_adapter.py --out "$OUT"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py
-    timeout 150 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8 --backward-mode wgrad_kernel
+    timeout 150 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8 --backward-mode ${BENCH_MODE:-wgrad_kernel}
   fi
   if [[ $part == adapter ]]; then
     timeout 150 python3 benchmarks/tune_adapter.py --out "$OUT"

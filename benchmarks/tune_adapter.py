@@ -6,10 +6,11 @@ and the host (Python) time per call — what the autotuner chooses from and wher
 
 Kernels are compiled first in parallel worker processes (Triton's disk cache then serves the timing
 process), then each (case, kernel, tile shape) is timed as CUDA-graph replays. The backward is timed as
-a whole in each ``backward_mode``: ``bwd_dx_loop`` and ``bwd_cublas`` per tile of the fused kernel (the
-rest is cuBLAS), ``bwd_wgrad`` per tile of the weight-gradient kernel (the fused kernel autotuned); the
-cuBLAS GEMMs are also timed alone. Writes ``adapter_tuning_<device>.csv`` and
-``adapter_host_<device>.txt`` (host time per call, cProfile of the fused forward+backward).
+a whole: ``bwd_cublas`` per tile of the fused kernel (one loop over the columns; ``bwd_cublas_two_loops``
+with two), the rest cuBLAS; ``bwd_wgrad`` per tile of the weight-gradient kernel (the fused kernel
+autotuned); the cuBLAS GEMMs and the weight-gradient pass are also timed alone. Writes
+``adapter_tuning_<device>.csv`` and ``adapter_host_<device>.txt`` (host time per call, cProfile of the
+fused forward+backward).
 """
 
 from __future__ import annotations
@@ -65,11 +66,14 @@ def _tuners():
     """Per kind: the tuner whose tiles are timed one by one, then the other tuners the kind launches."""
     from medadapt.kernels.fused_adapter import triton_launch as tl_
 
-    return {"fwd": [tl_._fwd], "bwd_dx_loop": [tl_._bwd_dx], "bwd_cublas": [tl_._bwd],
+    return {"fwd": [tl_._fwd], "bwd_cublas": [tl_._bwd], "bwd_cublas_two_loops": [tl_._bwd],
             "bwd_wgrad": [tl_._wgrad, tl_._bwd]}
 
 
-_MODES = {"bwd_dx_loop": "dx_loop", "bwd_cublas": "cublas", "bwd_wgrad": "wgrad_kernel"}
+# backward kinds: (backward_mode, the backward kernel's loops merged); dx_loop lost to cublas in every SAM
+# case in two sessions on an H100 (benchmarks/adapter_kernel_notes.md) and is no longer timed
+_MODES = {"bwd_cublas": ("cublas", True), "bwd_cublas_two_loops": ("cublas", False),
+          "bwd_wgrad": ("wgrad_kernel", True)}
 
 
 def _fitting(tuner, hidden: int) -> list:
@@ -86,8 +90,19 @@ def _call(kind: str, case: dict):
     if kind == "fwd":
         return lambda: adapter_forward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["b_up"], c["res2"], 0.5, "gelu",
                                        torch.bfloat16)
-    return lambda: adapter_backward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["g2"], 0.5, "gelu", NEEDS,
-                                    backward_mode=_MODES[kind])
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    mode, merged = _MODES[kind]
+
+    def backward():
+        triton_launch.MERGE_LOOPS = merged
+        try:
+            return adapter_backward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["g2"], 0.5, "gelu", NEEDS,
+                                    backward_mode=mode)
+        finally:
+            triton_launch.MERGE_LOOPS = True
+
+    return backward
 
 
 def _reference(case: dict) -> dict:
@@ -154,7 +169,7 @@ def precompile(widths, jobs: int) -> float:
 def _gemm_parts(case: dict) -> dict[str, float]:
     """The backward's parts after the fused kernel, alone: cuBLAS dW_down = dpreᵀ x (also as (xᵀ dpre)ᵀ),
     dW_up = s gᵀ [h | e₁], dx = dpre W_down, torch's db_down = Σ dpre; and the whole weight-gradient pass
-    (``wgrad_pass``: its kernel, autotuned, plus the sum of its partial rows)."""
+    (``wgrad_pass``: its kernel, autotuned, plus the sum of its partial rows; no dx)."""
     from medadapt.kernels.fused_adapter.reference import scaled_matmul
     from medadapt.kernels.fused_adapter.triton_launch import _weight_gradient_pass
 
@@ -162,16 +177,14 @@ def _gemm_parts(case: dict) -> dict[str, float]:
     dpre = torch.randn(rows, hidden, device=DEVICE).bfloat16()
     h1 = torch.randn(rows, hidden + 8, device=DEVICE).bfloat16()
     h = h1[:, :hidden].contiguous()
-    _weight_gradient_pass(case["x2"], case["g2"], h, dpre, case["w_down"], 0.5, True, False)  # autotune first
+    _weight_gradient_pass(case["x2"], case["g2"], h, dpre, case["w_down"], 0.5)  # autotune first
     return {"gemm_dw_down": _timed_ms(lambda: dpre.t() @ case["x2"]),
             "gemm_dw_down_transposed": _timed_ms(lambda: (case["x2"].t() @ dpre).t()),
             "gemm_dw_up_ones": _timed_ms(lambda: scaled_matmul(case["g2"].t(), h1, 0.5)),
             "gemm_dx": _timed_ms(lambda: dpre @ case["w_down"]),
             "sum_db_down": _timed_ms(lambda: dpre.sum(0, dtype=torch.float32)),
-            "wgrad_pass": _timed_ms(lambda: _weight_gradient_pass(case["x2"], case["g2"], h, dpre, case["w_down"], 0.5,
-                                                                  True, False)),
-            "wgrad_pass_no_dx": _timed_ms(lambda: _weight_gradient_pass(case["x2"], case["g2"], h, dpre,
-                                                                        case["w_down"], 0.5, False, False))}
+            "wgrad_pass": _timed_ms(lambda: _weight_gradient_pass(case["x2"], case["g2"], h, dpre, case["w_down"],
+                                                                  0.5))}
 
 
 def host_report(path: str, grid: int = 64, calls: int = 300) -> str:

@@ -46,9 +46,14 @@ def _check(tensors, grad):
         assert err <= 2.0 * ref_err + 4e-3 * size, f"{name}: error {err:.3g}, bf16 reference's {ref_err:.3g}"
 
 
+@pytest.mark.parametrize("merged", [True, False])
 @pytest.mark.parametrize("width,hidden", [(768, 192), (1024, 256), (1280, 320)])
-def test_sam_widths_bf16(width, hidden, monkeypatch):
+def test_sam_widths_bf16(width, hidden, merged, monkeypatch):
+    """Default backward mode; the backward kernel with its column loops merged (C == C_out) or not."""
+    from medadapt.kernels.fused_adapter import triton_launch
+
     monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
+    monkeypatch.setattr(triton_launch, "MERGE_LOOPS", merged)
     _check(*_problem((3, 37, 41), width, hidden))
 
 

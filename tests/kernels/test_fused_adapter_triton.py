@@ -283,7 +283,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     compile_kernel("fwd", 192, (64, 64, 64, 8, 3))
     compile_kernel("bwd", 320, (64, 64, 64, 8, 3))
     compile_kernel("bwd_dx", 192, (64, 64, 128, 8, 3))
-    compile_kernel("wgrad", 320, (64, 32, 1, 8, 3))
+    compile_kernel("wgrad", 320, (64, 64, 1, 8, 3))
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from medadapt.kernels.fused_adapter.triton_kernels import column_sum_kernel

@@ -8,9 +8,10 @@ Backward, per block: recompute ``pre`` and ``h``; ``dh = g W_up`` over the outpu
 ``dpre = scale · dh ⊙ act'(pre)``; ``[h | 1]`` and ``dpre`` are written (``M × H``, a quarter of ``x`` at
 ratio 0.25). The rest of the backward is one of (the launcher's ``backward_mode``):
 ``wgrad_kernel``: a second kernel reads ``x`` and ``g`` once more, column slice by column slice, and gives
-``dx``, both weight gradients and both bias gradients in that one pass (fp32 partial sums per row chunk,
-summed by the launcher: deterministic, no atomics); ``cublas``: GEMMs on the stored ``[h | 1]`` and
-``dpre``; ``dx_loop``: ``dx`` as a third loop of the first kernel, the weight gradients by cuBLAS.
+both weight gradients and both bias gradients in that one pass (fp32 partial sums per row chunk, summed by
+the launcher: deterministic, no atomics), ``dx = dpre W_down`` is a cuBLAS GEMM; ``cublas``: GEMMs on the
+stored ``[h | 1]`` and ``dpre``; ``dx_loop``: ``dx`` as a third loop of the first kernel, the weight
+gradients by cuBLAS.
 
 The hidden width ``H`` is held as two power-of-two parts ``HA + HB ≥ H`` (each ≥ 16, masked), so
 192 = 128 + 64 and 320 = 256 + 64 waste nothing; ``HB = 0`` drops the second part at compile time.
@@ -158,6 +159,82 @@ def adapter_fwd_kernel(
                  _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
+@triton.jit
+def _up_projection_grad(g_ptr, wu_ptr, rows64, row_ok, H, C_OUT, stride_gm, stride_gn, stride_wun, stride_wuh,
+                        HA: tl.constexpr, HB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``dh = g[rows] W_up`` in fp32 as two column parts ``(dh_a, dh_b)``."""
+    hid_a = tl.arange(0, HA)
+    hid_b = HA + tl.arange(0, HB if HB > 0 else 16)
+    dh_a = tl.zeros((BLOCK_M, HA), dtype=tl.float32)
+    dh_b = tl.zeros((BLOCK_M, HB if HB > 0 else 16), dtype=tl.float32)
+    for n0 in range(0, C_OUT, BLOCK_N):
+        outs = n0 + tl.arange(0, BLOCK_N)
+        out_ok = outs < C_OUT
+        g = _cast(tl.load(g_ptr + rows64[:, None] * stride_gm + outs[None, :] * stride_gn,
+                          mask=row_ok[:, None] & out_ok[None, :], other=0.0), wu_ptr.dtype.element_ty, UPCAST)
+        w_a = tl.load(wu_ptr + outs[:, None] * stride_wun + hid_a[None, :] * stride_wuh,
+                      mask=out_ok[:, None] & (hid_a[None, :] < H), other=0.0)
+        dh_a = _mm(g, w_a, dh_a, PRECISION, UPCAST)
+        if HB > 0:
+            w_b = tl.load(wu_ptr + outs[:, None] * stride_wun + hid_b[None, :] * stride_wuh,
+                          mask=out_ok[:, None] & (hid_b[None, :] < H), other=0.0)
+            dh_b = _mm(g, w_b, dh_b, PRECISION, UPCAST)
+    return dh_a, dh_b
+
+
+@triton.jit
+def _both_projections(x_ptr, wd_ptr, bd_ptr, g_ptr, wu_ptr, rows64, row_ok, C, H, stride_xm, stride_xc,
+                      stride_wdh, stride_wdc, stride_gm, stride_gn, stride_wun, stride_wuh, HAS_BD: tl.constexpr,
+                      HA: tl.constexpr, HB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``pre = x[rows] W_downᵀ + b_down`` and ``dh = g[rows] W_up`` in one loop over the ``C = C_out``
+    columns (both are sums over them): one pipelined stream of x, g and weight tiles instead of two loops
+    that each start their pipeline afresh. Returns ``(pre_a, pre_b, dh_a, dh_b)`` in fp32."""
+    hid_a = tl.arange(0, HA)
+    hid_b = HA + tl.arange(0, HB if HB > 0 else 16)
+    pre_a = tl.zeros((BLOCK_M, HA), dtype=tl.float32)
+    pre_b = tl.zeros((BLOCK_M, HB if HB > 0 else 16), dtype=tl.float32)
+    dh_a = tl.zeros((BLOCK_M, HA), dtype=tl.float32)
+    dh_b = tl.zeros((BLOCK_M, HB if HB > 0 else 16), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < C
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        x_tile = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xc, mask=tile_ok, other=0.0)
+        g_tile = _cast(tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :] * stride_gn, mask=tile_ok,
+                               other=0.0), wu_ptr.dtype.element_ty, UPCAST)
+        wd_a = tl.load(wd_ptr + hid_a[None, :] * stride_wdh + cols[:, None] * stride_wdc,
+                       mask=col_ok[:, None] & (hid_a[None, :] < H), other=0.0)
+        wu_a = tl.load(wu_ptr + cols[:, None] * stride_wun + hid_a[None, :] * stride_wuh,
+                       mask=col_ok[:, None] & (hid_a[None, :] < H), other=0.0)
+        pre_a = _mm(x_tile, wd_a, pre_a, PRECISION, UPCAST)
+        dh_a = _mm(g_tile, wu_a, dh_a, PRECISION, UPCAST)
+        if HB > 0:
+            wd_b = tl.load(wd_ptr + hid_b[None, :] * stride_wdh + cols[:, None] * stride_wdc,
+                           mask=col_ok[:, None] & (hid_b[None, :] < H), other=0.0)
+            wu_b = tl.load(wu_ptr + cols[:, None] * stride_wun + hid_b[None, :] * stride_wuh,
+                           mask=col_ok[:, None] & (hid_b[None, :] < H), other=0.0)
+            pre_b = _mm(x_tile, wd_b, pre_b, PRECISION, UPCAST)
+            dh_b = _mm(g_tile, wu_b, dh_b, PRECISION, UPCAST)
+    if HAS_BD:
+        pre_a += tl.load(bd_ptr + hid_a, mask=hid_a < H, other=0.0).to(tl.float32)[None, :]
+        if HB > 0:
+            pre_b += tl.load(bd_ptr + hid_b, mask=hid_b < H, other=0.0).to(tl.float32)[None, :]
+    return pre_a, pre_b, dh_a, dh_b
+
+
+@triton.jit
+def _store_hidden(ptr, a, b, rows64, row_ok, stride_m, H, HA: tl.constexpr, HB: tl.constexpr):
+    """Store the two column parts of an ``M × H`` hidden-width tensor (``h`` or ``dpre``)."""
+    hid_a = tl.arange(0, HA)
+    hid_b = HA + tl.arange(0, HB if HB > 0 else 16)
+    base = ptr + rows64[:, None] * stride_m
+    tl.store(base + hid_a[None, :], a, mask=row_ok[:, None] & (hid_a[None, :] < H))
+    if HB > 0:
+        tl.store(base + hid_b[None, :], b, mask=row_ok[:, None] & (hid_b[None, :] < H))
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def adapter_bwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wu_ptr, g_ptr,
@@ -168,15 +245,16 @@ def adapter_bwd_kernel(
     scale,
     ACT: tl.constexpr, HAS_BD: tl.constexpr, DX_IN_KERNEL: tl.constexpr, ADD_G_TO_DX: tl.constexpr,
     STORE_H: tl.constexpr, ONES_COLUMN: tl.constexpr, STORE_DPRE: tl.constexpr, GATE_FP16: tl.constexpr,
-    HA: tl.constexpr, HB: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    MERGED_LOOP: tl.constexpr, HA: tl.constexpr, HB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per token block: ``h = act(pre)`` (``[h | 1 0 … 0]``, ``H + 8`` columns, with ``ONES_COLUMN``),
     ``dpre = scale · (g W_up) ⊙ act'(pre)`` and, with ``DX_IN_KERNEL``, the rows of ``dx = dpre W_down``
     (``+ g`` with ``ADD_G_TO_DX``, the sequential adapter's residual path); otherwise ``dx`` comes later
-    (a cuBLAS GEMM on ``dpre`` or the weight-gradient kernel).
+    (a cuBLAS GEMM on ``dpre``).
 
+    ``MERGED_LOOP`` (needs ``C == C_OUT``): ``pre`` and ``g W_up`` accumulate in one loop over the columns;
+    otherwise two loops, with ``act'(pre)`` held in fp16 (``GATE_FP16``) between them to free registers.
     The ones column lets one GEMM ``gᵀ [h | e₁]`` give both ``dW_up`` and ``db_up`` (a column sum of ``g``
     inside the loop cost more than the whole GEMM on an H100: cross-warp reductions stall the pipeline).
     """
@@ -187,50 +265,38 @@ def adapter_bwd_kernel(
     hid_a = tl.arange(0, HA)
     hid_b = HA + tl.arange(0, HB if HB > 0 else 16)
     compute_dtype = wu_ptr.dtype.element_ty
-    pre_a, pre_b = _down_projection(x_ptr, wd_ptr, bd_ptr, rows, row_ok, C, H, stride_xm, stride_xc,
-                                    stride_wdh, stride_wdc, HAS_BD, HA, HB, PRECISION, UPCAST, BLOCK_M, BLOCK_K)
-    # act'(pre) ∈ [-0.17, 1.13] held in fp16 for 16-bit inputs frees the fp32 pre-activation before the
-    # g W_up loop (registers); fp16's 11-bit significand keeps dpre as accurate as autograd's bf16 one
-    gate_a = _act_grad(pre_a, ACT)
-    gate_b = _act_grad(pre_b, ACT)
-    if GATE_FP16:
-        gate_a = gate_a.to(tl.float16)
-        gate_b = gate_b.to(tl.float16)
+    if MERGED_LOOP:
+        pre_a, pre_b, dh_a, dh_b = _both_projections(
+            x_ptr, wd_ptr, bd_ptr, g_ptr, wu_ptr, rows64, row_ok, C, H, stride_xm, stride_xc, stride_wdh, stride_wdc,
+            stride_gm, stride_gn, stride_wun, stride_wuh, HAS_BD, HA, HB, PRECISION, UPCAST, BLOCK_M, BLOCK_K)
+        gate_a = _act_grad(pre_a, ACT)
+        gate_b = _act_grad(pre_b, ACT)
+    else:
+        pre_a, pre_b = _down_projection(x_ptr, wd_ptr, bd_ptr, rows, row_ok, C, H, stride_xm, stride_xc,
+                                        stride_wdh, stride_wdc, HAS_BD, HA, HB, PRECISION, UPCAST, BLOCK_M, BLOCK_K)
+        # act'(pre) ∈ [-0.17, 1.13] held in fp16 for 16-bit inputs frees the fp32 pre-activation before the
+        # g W_up loop (registers); fp16's 11-bit significand keeps dpre as accurate as autograd's bf16 one
+        gate_a = _act_grad(pre_a, ACT)
+        gate_b = _act_grad(pre_b, ACT)
+        if GATE_FP16:
+            gate_a = gate_a.to(tl.float16)
+            gate_b = gate_b.to(tl.float16)
     if STORE_H:
-        h_rows = h_ptr + rows64[:, None] * stride_hm
-        tl.store(h_rows + hid_a[None, :], _cast(_act(pre_a, ACT), compute_dtype, UPCAST),
-                 mask=row_ok[:, None] & (hid_a[None, :] < H))
-        if HB > 0:
-            tl.store(h_rows + hid_b[None, :], _cast(_act(pre_b, ACT), compute_dtype, UPCAST),
-                     mask=row_ok[:, None] & (hid_b[None, :] < H))
+        _store_hidden(h_ptr, _cast(_act(pre_a, ACT), compute_dtype, UPCAST),
+                      _cast(_act(pre_b, ACT), compute_dtype, UPCAST), rows64, row_ok, stride_hm, H, HA, HB)
         if ONES_COLUMN:
             pad = tl.arange(0, 8)
-            tl.store(h_rows + H + pad[None, :], tl.where(pad[None, :] == 0, 1.0, 0.0).to(compute_dtype)
+            tl.store(h_ptr + rows64[:, None] * stride_hm + H + pad[None, :],
+                     tl.where(pad[None, :] == 0, 1.0, 0.0).to(compute_dtype)
                      + tl.zeros((BLOCK_M, 8), dtype=compute_dtype), mask=row_ok[:, None])
-
-    dh_a = tl.zeros((BLOCK_M, HA), dtype=tl.float32)
-    dh_b = tl.zeros((BLOCK_M, HB if HB > 0 else 16), dtype=tl.float32)
-    for n0 in range(0, C_OUT, BLOCK_N):
-        outs = n0 + tl.arange(0, BLOCK_N)
-        out_ok = outs < C_OUT
-        g = tl.load(g_ptr + rows64[:, None] * stride_gm + outs[None, :] * stride_gn,
-                    mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-        g = _cast(g, compute_dtype, UPCAST)
-        w_a = tl.load(wu_ptr + outs[:, None] * stride_wun + hid_a[None, :] * stride_wuh,
-                      mask=out_ok[:, None] & (hid_a[None, :] < H), other=0.0)
-        dh_a = _mm(g, w_a, dh_a, PRECISION, UPCAST)
-        if HB > 0:
-            w_b = tl.load(wu_ptr + outs[:, None] * stride_wun + hid_b[None, :] * stride_wuh,
-                          mask=out_ok[:, None] & (hid_b[None, :] < H), other=0.0)
-            dh_b = _mm(g, w_b, dh_b, PRECISION, UPCAST)
+    if not MERGED_LOOP:
+        dh_a, dh_b = _up_projection_grad(g_ptr, wu_ptr, rows64, row_ok, H, C_OUT, stride_gm, stride_gn, stride_wun,
+                                         stride_wuh, HA, HB, PRECISION, UPCAST, BLOCK_M, BLOCK_N)
 
     dpre_a = _cast(dh_a * scale * gate_a.to(tl.float32), compute_dtype, UPCAST)
     dpre_b = _cast(dh_b * scale * gate_b.to(tl.float32), compute_dtype, UPCAST)
     if STORE_DPRE:
-        d_rows = dpre_ptr + rows64[:, None] * stride_dpm
-        tl.store(d_rows + hid_a[None, :], dpre_a, mask=row_ok[:, None] & (hid_a[None, :] < H))
-        if HB > 0:
-            tl.store(d_rows + hid_b[None, :], dpre_b, mask=row_ok[:, None] & (hid_b[None, :] < H))
+        _store_hidden(dpre_ptr, dpre_a, dpre_b, rows64, row_ok, stride_dpm, H, HA, HB)
 
     if DX_IN_KERNEL:
         for k0 in range(0, C, BLOCK_K):
@@ -279,103 +345,88 @@ def wgrad_part_offsets(C: int, C_out: int, H: int) -> tuple[int, int, int, int]:
     return o_wu, o_bu, o_bd, o_bd + H
 
 
-@triton.jit
-def _store_part(ptr, acc, first, second, first_ok, second_ok, stride_first):
-    tl.store(ptr + first[:, None] * stride_first + second[None, :], acc, mask=first_ok[:, None] & second_ok[None, :])
-
-
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def adapter_wgrad_kernel(
-    x_ptr, g_ptr, h_ptr, dpre_ptr, wd_ptr, dx_ptr, part_ptr,
+    x_ptr, g_ptr, h_ptr, dpre_ptr, part_ptr,
     M, C, H, C_OUT, M_BUCKET,
-    stride_xm, stride_xc, stride_gm, stride_gn, stride_hm, stride_dpm, stride_wdh, stride_wdc,
-    stride_dxm, stride_dxc, stride_part,
+    stride_xm, stride_xc, stride_gm, stride_gn, stride_hm, stride_dpm, stride_part,
     scale,
-    DX: tl.constexpr, ADD_G_TO_DX: tl.constexpr, HA: tl.constexpr, HB: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, WAVES: tl.constexpr,
+    HA: tl.constexpr, HB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, WAVES: tl.constexpr,
 ):
-    """Program ``(j, s)``: columns ``j·BLOCK_C …`` of ``x``/``g`` over the ``s``-th chunk of row blocks.
+    """Both weight gradients and both bias gradients as fp32 partial sums over chunks of rows.
 
-    Sums over its rows ``dpreᵀ x`` (``dW_down[:, cols]``), ``scale · gᵀ h`` (``dW_up[cols, :]``),
-    ``scale · Σ g`` (``db_up[cols]``) and, in slice 0, ``Σ dpre`` (``db_down``), all in fp32 (the bias
-    sums as products with a ones block, which keeps the loop a chain of ``tl.dot``s: an in-loop
-    ``tl.sum`` broke the pipelined loop on an H100); with ``DX`` it also writes
-    ``dx[rows, cols] = dpre W_down[:, cols]`` (``+ g`` with ``ADD_G_TO_DX``). The partial sums go to row
-    ``s`` of ``part`` (``wgrad_part_offsets``); the launcher adds the rows. ``WAVES`` only sets the grid.
-    Programs of one row chunk run side by side, so ``h`` and ``dpre`` come from HBM once and from L2 for
-    the other column slices, while ``x`` and ``g`` are read exactly once.
+    Programs ``(j, s)`` with ``j < cdiv(C, BLOCK_C)`` sum ``dpreᵀ x[:, cols]`` (``dW_down[:, cols]``) and, in slice 0,
+    ``Σ dpre`` (``db_down``); the others sum ``scale · hᵀ g[:, cols]`` (``dW_upᵀ``, stored transposed) and
+    ``scale · Σ g[:, cols]`` (``db_up``), over the ``s``-th chunk of ``BLOCK_M``-row blocks, into row ``s`` of
+    ``part`` (``wgrad_part_offsets``); the launcher adds the rows (deterministic, no atomics). The two
+    problems differ only in pointers, strides and the scale, so one loop serves both: the left operand
+    (``dpre`` or ``h``, ``M × H``) is read once per column slice (from L2 for all but one), the right one
+    (``x`` or ``g``) exactly once. Bias sums are products with a ones block, keeping the loop a chain of
+    ``tl.dot``s (an in-loop ``tl.sum`` broke the pipelined loop on an H100). ``WAVES`` only sets the grid.
     """
     j = tl.program_id(0)
     s = tl.program_id(1)
+    n_down = tl.cdiv(C, BLOCK_C)
+    up = j >= n_down
+    if up:
+        j = j - n_down
+        left_ptr, stride_lm = h_ptr, stride_hm
+        right_ptr, stride_rm, stride_rc = g_ptr, stride_gm, stride_gn
+        width, mult = C_OUT, scale
+        out_h, out_c, o_out, o_sum = 1, H, H * C, H * C + C_OUT * H  # dW_up[c, h], db_up[c]
+    else:
+        left_ptr, stride_lm = dpre_ptr, stride_dpm
+        right_ptr, stride_rm, stride_rc = x_ptr, stride_xm, stride_xc
+        width, mult = C, 1.0
+        out_h, out_c, o_out, o_sum = C, 1, 0, H * C + C_OUT * H + C_OUT  # dW_down[h, c], db_down[h]
     n_blocks = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(n_blocks, tl.num_programs(1))
     cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
-    x_ok = cols < C
-    g_ok = cols < C_OUT
+    col_ok = cols < width
+    HBW: tl.constexpr = HB if HB > 0 else 16
     hid_a = tl.arange(0, HA)
-    hid_b = HA + tl.arange(0, HB if HB > 0 else 16)
+    hid_b = HA + tl.arange(0, HBW)
     ha_ok = hid_a < H
     hb_ok = hid_b < H
-    HBW: tl.constexpr = HB if HB > 0 else 16
-    dtype = wd_ptr.dtype.element_ty
+    dtype = h_ptr.dtype.element_ty
     ones = tl.full((BLOCK_M, 16), 1.0, tl.float32).to(dtype)
-    acc_wd_a = tl.zeros((HA, BLOCK_C), dtype=tl.float32)
-    acc_wd_b = tl.zeros((HBW, BLOCK_C), dtype=tl.float32)
-    acc_wu_a = tl.zeros((BLOCK_C, HA), dtype=tl.float32)
-    acc_wu_b = tl.zeros((BLOCK_C, HBW), dtype=tl.float32)
-    acc_bu = tl.zeros((BLOCK_C, 16), dtype=tl.float32)
-    acc_bd_a = tl.zeros((HA, 16), dtype=tl.float32)
-    acc_bd_b = tl.zeros((HBW, 16), dtype=tl.float32)
-    if DX:
-        wd_a = tl.load(wd_ptr + hid_a[:, None] * stride_wdh + cols[None, :] * stride_wdc,
-                       mask=ha_ok[:, None] & x_ok[None, :], other=0.0)
-        wd_b = tl.load(wd_ptr + hid_b[:, None] * stride_wdh + cols[None, :] * stride_wdc,
-                       mask=hb_ok[:, None] & x_ok[None, :], other=0.0)
+    ones_t = tl.full((16, BLOCK_M), 1.0, tl.float32).to(dtype)
+    acc_a = tl.zeros((HA, BLOCK_C), dtype=tl.float32)
+    acc_b = tl.zeros((HBW, BLOCK_C), dtype=tl.float32)
+    sum_left_a = tl.zeros((HA, 16), dtype=tl.float32)
+    sum_left_b = tl.zeros((HBW, 16), dtype=tl.float32)
+    sum_right = tl.zeros((16, BLOCK_C), dtype=tl.float32)
     first = s * per_split
     last = tl.minimum(first + per_split, n_blocks)
     for blk in range(first, last):
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         rows64 = rows.to(tl.int64)
-        # transposed tiles ([hidden, rows], [cols, rows]) are the left operands of the row-sum products
-        dpre_t_a = tl.load(dpre_ptr + rows64[None, :] * stride_dpm + hid_a[:, None],
-                           mask=ha_ok[:, None] & row_ok[None, :], other=0.0)
-        x_tile = _cast(tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xc,
-                               mask=row_ok[:, None] & x_ok[None, :], other=0.0), dtype, UPCAST)
-        g_t = _cast(tl.load(g_ptr + rows64[None, :] * stride_gm + cols[:, None] * stride_gn,
-                            mask=g_ok[:, None] & row_ok[None, :], other=0.0), dtype, UPCAST)
-        h_a = tl.load(h_ptr + rows64[:, None] * stride_hm + hid_a[None, :], mask=row_ok[:, None] & ha_ok[None, :],
-                      other=0.0)
-        acc_wd_a = _mm(dpre_t_a, x_tile, acc_wd_a, PRECISION, UPCAST)
-        acc_bd_a = _mm(dpre_t_a, ones, acc_bd_a, PRECISION, UPCAST)
-        acc_wu_a = _mm(g_t, h_a, acc_wu_a, PRECISION, UPCAST)
-        acc_bu = _mm(g_t, ones, acc_bu, PRECISION, UPCAST)
+        right = _cast(tl.load(right_ptr + rows64[:, None] * stride_rm + cols[None, :] * stride_rc,
+                              mask=row_ok[:, None] & col_ok[None, :], other=0.0), dtype, UPCAST)
+        left_a = tl.load(left_ptr + rows64[None, :] * stride_lm + hid_a[:, None],
+                         mask=ha_ok[:, None] & row_ok[None, :], other=0.0)  # [hidden, rows]
+        acc_a = _mm(left_a, right, acc_a, PRECISION, UPCAST)
+        sum_left_a = _mm(left_a, ones, sum_left_a, PRECISION, UPCAST)
+        sum_right = _mm(ones_t, right, sum_right, PRECISION, UPCAST)
         if HB > 0:
-            dpre_t_b = tl.load(dpre_ptr + rows64[None, :] * stride_dpm + hid_b[:, None],
-                               mask=hb_ok[:, None] & row_ok[None, :], other=0.0)
-            h_b = tl.load(h_ptr + rows64[:, None] * stride_hm + hid_b[None, :],
-                          mask=row_ok[:, None] & hb_ok[None, :], other=0.0)
-            acc_wd_b = _mm(dpre_t_b, x_tile, acc_wd_b, PRECISION, UPCAST)
-            acc_bd_b = _mm(dpre_t_b, ones, acc_bd_b, PRECISION, UPCAST)
-            acc_wu_b = _mm(g_t, h_b, acc_wu_b, PRECISION, UPCAST)
-        if DX:
-            dx = _mm(tl.trans(dpre_t_a), wd_a, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), PRECISION, UPCAST)
-            if HB > 0:
-                dx = _mm(tl.trans(dpre_t_b), wd_b, dx, PRECISION, UPCAST)
-            if ADD_G_TO_DX:  # the sequential adapter's residual: dx += g (C_OUT == C)
-                dx += tl.trans(g_t).to(tl.float32)
-            tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxc,
-                     _cast(dx, dx_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & x_ok[None, :])
+            left_b = tl.load(left_ptr + rows64[None, :] * stride_lm + hid_b[:, None],
+                             mask=hb_ok[:, None] & row_ok[None, :], other=0.0)
+            acc_b = _mm(left_b, right, acc_b, PRECISION, UPCAST)
+            sum_left_b = _mm(left_b, ones, sum_left_b, PRECISION, UPCAST)
     part = part_ptr + s.to(tl.int64) * stride_part
-    o_wu = H * C
-    o_bu = o_wu + C_OUT * H
-    o_bd = o_bu + C_OUT
-    _store_part(part, acc_wd_a, hid_a, cols, ha_ok, x_ok, C)
-    _store_part(part + o_wu, acc_wu_a * scale, cols, hid_a, g_ok, ha_ok, H)
+    tl.store(part + o_out + hid_a[:, None] * out_h + cols[None, :] * out_c, acc_a * mult,
+             mask=ha_ok[:, None] & col_ok[None, :])
     first_col = tl.arange(0, 16)[None, :] == 0
-    tl.store(part + o_bu + cols, tl.sum(tl.where(first_col, acc_bu, 0.0), axis=1) * scale, mask=g_ok)
-    tl.store(part + o_bd + hid_a, tl.sum(tl.where(first_col, acc_bd_a, 0.0), axis=1), mask=ha_ok & (j == 0))
+    if up:  # db_up[cols]
+        first_row = tl.arange(0, 16)[:, None] == 0
+        tl.store(part + o_sum + cols, tl.sum(tl.where(first_row, sum_right, 0.0), axis=0) * mult, mask=col_ok)
+    else:  # db_down, from slice 0 only
+        tl.store(part + o_sum + hid_a, tl.sum(tl.where(first_col, sum_left_a, 0.0), axis=1), mask=ha_ok & (j == 0))
     if HB > 0:
-        _store_part(part, acc_wd_b, hid_b, cols, hb_ok, x_ok, C)
-        _store_part(part + o_wu, acc_wu_b * scale, cols, hid_b, g_ok, hb_ok, H)
-        tl.store(part + o_bd + hid_b, tl.sum(tl.where(first_col, acc_bd_b, 0.0), axis=1), mask=hb_ok & (j == 0))
+        tl.store(part + o_out + hid_b[:, None] * out_h + cols[None, :] * out_c, acc_b * mult,
+                 mask=hb_ok[:, None] & col_ok[None, :])
+        if not up:
+            tl.store(part + o_sum + hid_b, tl.sum(tl.where(first_col, sum_left_b, 0.0), axis=1),
+                     mask=hb_ok & (j == 0))

@@ -3,9 +3,9 @@
 On a GPU each kernel is autotuned per token-count bucket, ``(C, C_out, H)`` and dtype over a few tile
 shapes (pruned by the hidden width each holds in registers); later calls launch the chosen configuration
 directly. Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU) one small configuration runs, so
-tests stay fast. Backward: one fused kernel (``h``, ``dpre``), then (``backward_mode``) either the
-weight-gradient kernel (``dx``, both weight and both bias gradients in one more pass over ``x`` and ``g``)
-or cuBLAS for ``dx``, ``dW_down`` and ``[dW_up | db_up]`` with a column-sum kernel for ``db_down``.
+tests stay fast. Backward: one fused kernel (``h``, ``dpre``), cuBLAS for ``dx``, then (``backward_mode``)
+either the weight-gradient kernel (both weight and both bias gradients in one more pass over ``x`` and
+``g``) or cuBLAS for ``dW_down`` and ``[dW_up | db_up]`` with a column-sum kernel for ``db_down``.
 Importing this module imports Triton.
 """
 
@@ -42,26 +42,29 @@ _FWD_SHAPES = [(64, 64, 64, 8, 3, 320), (64, 64, 64, 8, 2, 320), (64, 64, 128, 8
                (128, 64, 64, 16, 3, 320), (128, 32, 64, 16, 3, 320), (128, 64, 64, 8, 3, 192),
                (128, 32, 64, 8, 4, 192)]
 _BWD_SHAPES = [(64, 64, 64, 8, 2, 320), (64, 64, 64, 8, 3, 320), (64, 64, 128, 8, 3, 256), (32, 64, 64, 4, 3, 320),
-               (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256)]
+               (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256), (64, 32, 64, 8, 3, 320)]
 _BWD_DX_SHAPES = [(64, 64, 64, 8, 2, 320), (64, 64, 64, 8, 3, 320), (64, 64, 128, 8, 3, 192), (32, 64, 64, 4, 3, 192),
                   (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256)]
 
 # Weight-gradient kernel: (BLOCK_M, BLOCK_C, num_warps, num_stages, programs per SM, widest padded hidden
-# block). Each program holds dW_down[:, cols] and dW_up[cols, :] in fp32 registers (2 · hidden · BLOCK_C);
-# each pipeline stage buffers dpreᵀ and h (2 · hidden · BLOCK_M) and the x and g tiles in shared memory.
-# From sm_90 compiles (benchmarks/adapter_registers.py --kernel wgrad, bf16): the first seven neither spill
-# (64 B at most) nor exceed 227 KB of shared memory at their widest hidden block; every shape uses 234-255
-# registers per thread, so one program per SM. The last spills (528 B at hidden 320) but is the only one
-# whose stages fit fp32 operands at hidden 320 (fp32 keeps the smallest row blocks: ``_prune``).
-_WGRAD_SHAPES = [(64, 64, 8, 2, 1, 256), (64, 64, 8, 3, 1, 192), (32, 64, 8, 3, 1, 192), (32, 64, 8, 2, 1, 192),
-                 (64, 32, 8, 3, 1, 256), (64, 32, 8, 2, 1, 320), (64, 64, 16, 2, 1, 256), (32, 32, 8, 2, 1, 320)]
+# block). Each program holds one [hidden × BLOCK_C] fp32 accumulator (dW_down or dW_upᵀ) in registers and
+# reads its left operand (dpre or h, M × hidden) once per column slice: wide slices read it less often.
+# From sm_90 compiles (benchmarks/adapter_registers.py --kernel wgrad, bf16): no spills up to the widest
+# hidden block listed except the last (88 B), 112-255 registers (one program per SM), ≤ 221 KB of shared
+# memory. fp32 operands keep the 32-row block (``_prune``), which fits their stages at hidden 320.
+_WGRAD_SHAPES = [(64, 128, 8, 3, 1, 320), (64, 128, 8, 2, 1, 320), (32, 128, 8, 3, 1, 320), (128, 128, 16, 2, 1, 256),
+                 (64, 128, 16, 3, 1, 320), (64, 64, 8, 3, 1, 320), (128, 64, 8, 2, 1, 320), (64, 128, 8, 3, 2, 320),
+                 (64, 256, 16, 2, 1, 192)]
 
 # After the fused kernel: "dx_loop" (dx as a third loop of it, weight gradients by cuBLAS), "cublas" (dx and
-# the weight gradients as GEMMs on the stored h and dpre), "wgrad_kernel" (one more Triton pass). dx as a
+# the weight gradients as GEMMs on the stored h and dpre), "wgrad_kernel" (the weight and bias gradients from
+# one more Triton pass, dx by cuBLAS: dx inside that pass cost 50 µs vs the GEMM's 31 at ViT-B batch 8). dx as a
 # cuBLAS GEMM beat the third loop in every SAM case on an H100 (bf16, graph-replayed backward: 76 vs 82 µs
 # at ViT-B batch 1, 288 vs 307 µs at batch 8, 441 vs 610 µs at ViT-H batch 8;
 # benchmarks/results/adapter_tuning_nvidia_h100_80gb_hbm3.csv).
 BACKWARD_MODE = "cublas"
+# The backward kernel's two sums over the columns (x W_downᵀ and g W_up) in one loop when C == C_out.
+MERGE_LOOPS = True
 _BACKWARD_MODES = ("dx_loop", "cublas", "wgrad_kernel")
 
 
@@ -179,8 +182,8 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
         x2, grad2: ``(M, C)`` input and ``(M, C_out)`` output gradient (any strides).
         needs: which of ``(dx, dW_down, db_down, dW_up, db_up)`` to compute.
         add_grad_to_dx: ``dx += grad`` (the sequential adapter, whose residual is ``x`` itself).
-        backward_mode: ``"wgrad_kernel"`` (dx and every weight and bias gradient from a second Triton
-            pass), ``"cublas"`` (GEMMs on the stored ``h`` and ``dpre``, ``grad`` as dx's addend),
+        backward_mode: ``"wgrad_kernel"`` (every weight and bias gradient from a second Triton pass, dx
+            as cuBLAS), ``"cublas"`` (GEMMs on the stored ``h`` and ``dpre``, ``grad`` as dx's addend),
             ``"dx_loop"`` (dx as a third loop of the fused kernel, weights by cuBLAS) or None for
             ``BACKWARD_MODE``. With no weight gradient needed, ``wgrad_kernel`` runs dx as ``cublas``.
 
@@ -219,18 +222,19 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
     ), dict(
         ACT=ACTIVATION_CODES[activation], HAS_BD=b_down is not None, DX_IN_KERNEL=dx_in_kernel,
         ADD_G_TO_DX=dx_in_kernel and add_grad_to_dx, STORE_H=h1 is not None, ONES_COLUMN=not second_pass,
-        STORE_DPRE=store_dpre, GATE_FP16=dtype in (torch.float16, torch.bfloat16), HA=ha, HB=hb,
+        STORE_DPRE=store_dpre, GATE_FP16=dtype in (torch.float16, torch.bfloat16),
+        MERGED_LOOP=MERGE_LOOPS and C == C_out, HA=ha, HB=hb,
         PRECISION=_precision(x2.dtype), UPCAST=interpret_mode(),
     ))
-    if second_pass:
-        grads = _weight_gradient_pass(x2, grad2, h1, dpre, w_down, scale, need_dx, add_grad_to_dx)
-        return tuple(t if need else None for t, need in zip(grads, needs))
     d_w_up = d_b_up = None
     g = grad2.to(dtype)
     with torch.autocast(device_type=device.type, enabled=False):
         if need_dx and not dx_in_kernel:  # dx = dpre W_down (+ g), the addend in the GEMM's epilogue
             dx = torch.addmm(g, dpre, w_down) if add_grad_to_dx else dpre @ w_down
             dx = dx.to(x2.dtype)
+        if second_pass:
+            grads = (dx, *_weight_gradient_pass(x2, grad2, h1, dpre, w_down, scale))
+            return tuple(t if need else None for t, need in zip(grads, needs))
         d_w_down = dpre.t() @ x2.to(dtype) if need_dwd else None
         d_b_down = column_sum(dpre).to(dtype) if need_dbd else None
         if h1 is not None:  # scale · gᵀ [h | 1 0 … 0] = [dW_up | db_up | 0 …]
@@ -240,35 +244,33 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
     return dx, d_w_down, d_b_down, d_w_up, d_b_up
 
 
-def _weight_gradient_pass(x2, grad2, h, dpre, w_down, scale, need_dx, add_grad_to_dx):
-    """``(dx, dW_down, db_down, dW_up, db_up)`` from ``adapter_wgrad_kernel``: a grid of column slices × row
-    chunks (about ``WAVES`` programs per SM), each writing one row of fp32 partial sums; one ``sum(0)`` of
-    those rows and one cast give every weight and bias gradient (views of one buffer)."""
+def _weight_gradient_pass(x2, grad2, h, dpre, w_down, scale):
+    """``(dW_down, db_down, dW_up, db_up)`` from ``adapter_wgrad_kernel``: a grid of column slices (of ``x`` for
+    dW_down, of ``g`` for dW_up) × row chunks, about ``WAVES`` programs per SM, each writing one row of fp32
+    partial sums; one ``sum(0)`` of those rows and one cast give all four (views of one buffer)."""
     M, C = x2.shape
     H, C_out = w_down.shape[0], grad2.shape[1]
-    width = max(C, C_out)
     sms = _sm_count(x2.device)
+    if grad2.dtype != x2.dtype:  # one loop reads x or g through the same pointer type
+        grad2 = grad2.to(x2.dtype)
+
+    def slices(meta) -> tuple[int, int]:
+        return triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(C_out, meta["BLOCK_C"])
 
     def splits(meta) -> int:
-        return max(1, min(triton.cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // triton.cdiv(width, meta["BLOCK_C"])))
+        return max(1, min(triton.cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // sum(slices(meta))))
 
     o_wu, o_bu, o_bd, total = wgrad_part_offsets(C, C_out, H)
     part = torch.empty((max(splits(c.kwargs) for c in _wgrad.configs), total), device=x2.device,
                        dtype=torch.float32)
-    dx = torch.empty((M, C), device=x2.device, dtype=x2.dtype) if need_dx else None
-    out = _or(dx, part)
     ha, hb = hidden_split(H)
-    config = _launch(_wgrad, lambda meta: (triton.cdiv(width, meta["BLOCK_C"]), splits(meta)),
-                     (_bucket(M), C, C_out, H), (
-        x2, grad2, h, dpre, w_down, out, part,
-        M, C, H, C_out, _bucket(M),
-        x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0),
-        w_down.stride(0), w_down.stride(1), out.stride(0), out.stride(1), part.stride(0),
+    config = _launch(_wgrad, lambda meta: (sum(slices(meta)), splits(meta)), (_bucket(M), C, C_out, H), (
+        x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M),
+        x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0), part.stride(0),
         float(scale),
-    ), dict(DX=need_dx, ADD_G_TO_DX=need_dx and add_grad_to_dx, HA=ha, HB=hb, PRECISION=_precision(x2.dtype),
-            UPCAST=interpret_mode()))
+    ), dict(HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=interpret_mode()))
     sums = part[:splits(config.kwargs)].sum(0).to(w_down.dtype)
-    return (dx, sums[:o_wu].view(H, C), sums[o_bd:total], sums[o_wu:o_bu].view(C_out, H), sums[o_bu:o_bd])
+    return sums[:o_wu].view(H, C), sums[o_bd:total], sums[o_wu:o_bu].view(C_out, H), sums[o_bu:o_bd]
 
 
 def column_sum(a: torch.Tensor) -> torch.Tensor:
