@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = _args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     env = environment(device)
-    backward_mode = _set_backward_mode(args.backward_mode)
+    _set_backward_mode(args.backward_mode)
     min_run_time = 0.2 if args.quick else 0.5
     roofline = measure_roofline(device, dtype, quick=args.quick)
     print(f"{env['device']}: peak copy {roofline['peak_gbps']:.0f} GB/s, "
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for impl, fn in impls.items():
                 base = {**env, "model": model, "width": width, "hidden": hidden, "batch": batch, "tokens": tokens,
                         "dtype": args.dtype, "adapter": "sequential" if args.sequential else "parallel",
-                        "impl": impl, "backward_mode": backward_mode if impl == "fused" else "",
+                        "impl": impl, "backward_mode": _backward_plan_name(width, hidden) if impl == "fused" else "",
                         "backend": fused_adapter_backend(tensors["x"], tensors["w_down"], tensors["w_up"])
                         if impl == "fused" else impl}
                 try:
@@ -273,15 +273,22 @@ def _finish_rows(results: dict, bytes_flops: dict, roofline: dict) -> list[dict]
     return rows
 
 
-def _set_backward_mode(mode: str | None) -> str:
-    """Set the fused adapter's ``BACKWARD_MODE`` (None: keep the library's); returns the one in force."""
+def _set_backward_mode(mode: str | None) -> None:
+    """Set the fused adapter's ``BACKWARD_MODE`` (None: keep the library's)."""
+    if mode is not None:
+        from medadapt.kernels.fused_adapter import triton_launch
+
+        triton_launch.BACKWARD_MODE = mode
+
+
+def _backward_plan_name(width: int, hidden: int) -> str:
+    """The Triton backward's plan for this shape, e.g. ``wgrad_kernel+merged`` (``torch`` without Triton)."""
     try:
         from medadapt.kernels.fused_adapter import triton_launch
     except ImportError:  # no Triton: the fused adapter runs its torch path
         return "torch"
-    if mode is not None:
-        triton_launch.BACKWARD_MODE = mode
-    return triton_launch.BACKWARD_MODE
+    mode, merged = triton_launch._backward_plan(width, width, hidden)
+    return mode + ("+merged" if merged else "")
 
 
 def _report(rows: list[dict], args, env: dict) -> None:

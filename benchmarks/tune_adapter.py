@@ -95,12 +95,12 @@ def _call(kind: str, case: dict):
     mode, merged = _MODES[kind]
 
     def backward():
-        triton_launch.MERGE_LOOPS = merged
+        saved, triton_launch.MERGE_LOOPS = triton_launch.MERGE_LOOPS, merged
         try:
             return adapter_backward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["g2"], 0.5, "gelu", NEEDS,
                                     backward_mode=mode)
         finally:
-            triton_launch.MERGE_LOOPS = True
+            triton_launch.MERGE_LOOPS = saved
 
     return backward
 

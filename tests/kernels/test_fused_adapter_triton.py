@@ -202,6 +202,22 @@ def test_weight_gradient_part_offsets():
     assert wgrad_part_offsets(5, 3, 2) == (10, 16, 19, 21)
 
 
+def test_backward_plan_by_hidden_width(monkeypatch):
+    """``auto``: the weight-gradient kernel up to a padded hidden width of 256, one merged column loop up to
+    192 (and only when C == C_out); explicit settings win."""
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    plan = triton_launch._backward_plan
+    assert plan(768, 768, 192) == ("wgrad_kernel", True)
+    assert plan(1024, 1024, 256) == ("wgrad_kernel", False)
+    assert plan(1280, 1280, 320) == ("cublas", False)
+    assert plan(768, 512, 192) == ("wgrad_kernel", False)
+    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", "dx_loop")
+    monkeypatch.setattr(triton_launch, "MERGE_LOOPS", True)
+    assert plan(1280, 1280, 320) == ("dx_loop", True)
+    assert plan(1280, 640, 320) == ("dx_loop", False)
+
+
 def test_backward_mode_rejects_unknown_value():
     from medadapt.kernels.fused_adapter.triton_launch import adapter_backward
 

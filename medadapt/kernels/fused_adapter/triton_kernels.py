@@ -391,12 +391,11 @@ def adapter_wgrad_kernel(
     hb_ok = hid_b < H
     dtype = h_ptr.dtype.element_ty
     ones = tl.full((BLOCK_M, 16), 1.0, tl.float32).to(dtype)
-    ones_t = tl.full((16, BLOCK_M), 1.0, tl.float32).to(dtype)
     acc_a = tl.zeros((HA, BLOCK_C), dtype=tl.float32)
     acc_b = tl.zeros((HBW, BLOCK_C), dtype=tl.float32)
     sum_left_a = tl.zeros((HA, 16), dtype=tl.float32)
     sum_left_b = tl.zeros((HBW, 16), dtype=tl.float32)
-    sum_right = tl.zeros((16, BLOCK_C), dtype=tl.float32)
+    sum_right = tl.zeros((BLOCK_C, 16), dtype=tl.float32)
     first = s * per_split
     last = tl.minimum(first + per_split, n_blocks)
     for blk in range(first, last):
@@ -409,7 +408,7 @@ def adapter_wgrad_kernel(
                          mask=ha_ok[:, None] & row_ok[None, :], other=0.0)  # [hidden, rows]
         acc_a = _mm(left_a, right, acc_a, PRECISION, UPCAST)
         sum_left_a = _mm(left_a, ones, sum_left_a, PRECISION, UPCAST)
-        sum_right = _mm(ones_t, right, sum_right, PRECISION, UPCAST)
+        sum_right = _mm(tl.trans(right), ones, sum_right, PRECISION, UPCAST)  # rows ≥ 64 for wgmma
         if HB > 0:
             left_b = tl.load(left_ptr + rows64[None, :] * stride_lm + hid_b[:, None],
                              mask=hb_ok[:, None] & row_ok[None, :], other=0.0)
@@ -420,8 +419,7 @@ def adapter_wgrad_kernel(
              mask=ha_ok[:, None] & col_ok[None, :])
     first_col = tl.arange(0, 16)[None, :] == 0
     if up:  # db_up[cols]
-        first_row = tl.arange(0, 16)[:, None] == 0
-        tl.store(part + o_sum + cols, tl.sum(tl.where(first_row, sum_right, 0.0), axis=0) * mult, mask=col_ok)
+        tl.store(part + o_sum + cols, tl.sum(tl.where(first_col, sum_right, 0.0), axis=1) * mult, mask=col_ok)
     else:  # db_down, from slice 0 only
         tl.store(part + o_sum + hid_a, tl.sum(tl.where(first_col, sum_left_a, 0.0), axis=1), mask=ha_ok & (j == 0))
     if HB > 0:

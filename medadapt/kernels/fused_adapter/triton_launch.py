@@ -58,14 +58,30 @@ _WGRAD_SHAPES = [(64, 128, 8, 3, 1, 320), (64, 128, 8, 2, 1, 320), (32, 128, 8, 
 
 # After the fused kernel: "dx_loop" (dx as a third loop of it, weight gradients by cuBLAS), "cublas" (dx and
 # the weight gradients as GEMMs on the stored h and dpre), "wgrad_kernel" (the weight and bias gradients from
-# one more Triton pass, dx by cuBLAS: dx inside that pass cost 50 µs vs the GEMM's 31 at ViT-B batch 8). dx as a
-# cuBLAS GEMM beat the third loop in every SAM case on an H100 (bf16, graph-replayed backward: 76 vs 82 µs
-# at ViT-B batch 1, 288 vs 307 µs at batch 8, 441 vs 610 µs at ViT-H batch 8;
-# benchmarks/results/adapter_tuning_nvidia_h100_80gb_hbm3.csv).
-BACKWARD_MODE = "cublas"
-# The backward kernel's two sums over the columns (x W_downᵀ and g W_up) in one loop when C == C_out.
-MERGE_LOOPS = True
-_BACKWARD_MODES = ("dx_loop", "cublas", "wgrad_kernel")
+# one more Triton pass, dx by cuBLAS: dx inside that pass cost 50 µs vs the GEMM's 31 at ViT-B batch 8), or
+# "auto" (``_backward_plan``). dx as a cuBLAS GEMM beat the third loop in every SAM case on an H100 (bf16,
+# graph-replayed backward: 76 vs 82 µs at ViT-B batch 1, 288 vs 307 µs at batch 8, 441 vs 610 µs at ViT-H
+# batch 8).
+BACKWARD_MODE = "auto"
+_BACKWARD_MODES = ("auto", "dx_loop", "cublas", "wgrad_kernel")
+# The backward kernel's two sums over the columns (x W_downᵀ and g W_up) in one loop (needs C == C_out):
+# True, False, or None for ``_backward_plan``'s choice.
+MERGE_LOOPS: bool | None = None
+
+
+def _backward_plan(C: int, C_out: int, H: int) -> tuple[str, bool]:
+    """``(backward mode, merged loops)`` for ``BACKWARD_MODE = "auto"`` / ``MERGE_LOOPS = None``.
+
+    From H100 timings of the whole backward (bf16, CUDA graphs; benchmarks/tune_adapter.py, session 4):
+    the weight-gradient kernel wins up to a padded hidden width of 256 (ViT-B batch 8: 216 vs 239 µs with
+    cuBLAS; ViT-L batch 8: 314 vs 320) and loses beyond (ViT-H batch 8: 484 vs 398), where its left operand
+    is re-read from L2 by more column slices; one merged column loop wins at hidden 192 (239 vs 247 µs) and
+    loses at 256 and 320 (358 vs 320, 478 vs 398: two fp32 accumulators of that width spill registers).
+    """
+    ha, hb = hidden_split(H)
+    mode = BACKWARD_MODE if BACKWARD_MODE != "auto" else ("wgrad_kernel" if ha + hb <= 256 else "cublas")
+    merged = MERGE_LOOPS if MERGE_LOOPS is not None else ha + hb <= 192
+    return mode, merged and C == C_out
 
 
 def _gpu_configs(shapes) -> list[triton.Config]:
@@ -184,8 +200,9 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
         add_grad_to_dx: ``dx += grad`` (the sequential adapter, whose residual is ``x`` itself).
         backward_mode: ``"wgrad_kernel"`` (every weight and bias gradient from a second Triton pass, dx
             as cuBLAS), ``"cublas"`` (GEMMs on the stored ``h`` and ``dpre``, ``grad`` as dx's addend),
-            ``"dx_loop"`` (dx as a third loop of the fused kernel, weights by cuBLAS) or None for
-            ``BACKWARD_MODE``. With no weight gradient needed, ``wgrad_kernel`` runs dx as ``cublas``.
+            ``"dx_loop"`` (dx as a third loop of the fused kernel, weights by cuBLAS), ``"auto"``
+            (``_backward_plan``) or None for ``BACKWARD_MODE``. With no weight gradient needed,
+            ``wgrad_kernel`` runs as ``cublas`` (dx alone).
 
     Returns:
         ``(dx, dW_down, db_down, dW_up, db_up)``, None where not needed; dx in x's dtype, the others in
@@ -195,10 +212,12 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
     mode = backward_mode or BACKWARD_MODE
     if mode not in _BACKWARD_MODES:
         raise ValueError(f"backward_mode must be one of {_BACKWARD_MODES}, got {mode!r}")
-    if mode == "wgrad_kernel" and not any(needs[1:]):
-        mode = "cublas"
     M, C = x2.shape
     H, C_out = w_down.shape[0], w_up.shape[0]
+    auto_mode, merged = _backward_plan(C, C_out, H)
+    mode = auto_mode if mode == "auto" else mode
+    if mode == "wgrad_kernel" and not any(needs[1:]):
+        mode = "cublas"
     dtype, device = w_up.dtype, x2.device
     second_pass = mode == "wgrad_kernel"
     dx_in_kernel = need_dx and mode == "dx_loop"
@@ -223,7 +242,7 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
         ACT=ACTIVATION_CODES[activation], HAS_BD=b_down is not None, DX_IN_KERNEL=dx_in_kernel,
         ADD_G_TO_DX=dx_in_kernel and add_grad_to_dx, STORE_H=h1 is not None, ONES_COLUMN=not second_pass,
         STORE_DPRE=store_dpre, GATE_FP16=dtype in (torch.float16, torch.bfloat16),
-        MERGED_LOOP=MERGE_LOOPS and C == C_out, HA=ha, HB=hb,
+        MERGED_LOOP=merged, HA=ha, HB=hb,
         PRECISION=_precision(x2.dtype), UPCAST=interpret_mode(),
     ))
     d_w_up = d_b_up = None
