@@ -4,6 +4,7 @@
 #   part: all (default) | kernels (checks + tests + scan bench) | benches (adapter + finetune benches)
 #         | adapter (fused adapter: tile timings, CUDA tests, benchmark with and without CUDA graphs)
 #         | adapter_modes (tile timings of every backward mode, CUDA tests, graph benchmark of wgrad_kernel)
+#         | adapter_quick (parallel precompile, the SAM-width CUDA tests, the graph benchmark: ~4 min)
 # Pure-Python extras (segment-anything, monai, nibabel) travel as wheels in .whl/.
 set -uo pipefail
 part=${1:-all}
@@ -35,6 +36,12 @@ log="$OUT/gpu_log_${part}.txt"
     timeout 220 python3 benchmarks/tune_adapter.py --out "$OUT"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py
     timeout 150 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8 --backward-mode ${BENCH_MODE:-wgrad_kernel}
+  fi
+  if [[ $part == adapter_quick ]]; then
+    timeout 60 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from tune_adapter import precompile; \
+print(f'precompiled in {precompile([768, 1024, 1280], 12):.0f} s')"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py -k "sam_widths or sequential"
+    timeout 120 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8
   fi
   if [[ $part == adapter ]]; then
     timeout 150 python3 benchmarks/tune_adapter.py --out "$OUT"
