@@ -23,19 +23,15 @@ __all__ = ["compile_kernel", "compile_report"]
 
 _FLAGS = {
     "fwd": dict(HAS_BU=True, HAS_RES=True),
-    "bwd": dict(DX_IN_KERNEL=False, ADD_G_TO_DX=False, STORE_H=True, ONES_COLUMN=False, STORE_DPRE=True,
-                GATE_FP16=True, MERGED_LOOP=True),
-    "bwd_two_loops": dict(DX_IN_KERNEL=False, ADD_G_TO_DX=False, STORE_H=True, ONES_COLUMN=False, STORE_DPRE=True,
-                          GATE_FP16=True, MERGED_LOOP=False),
-    "bwd_dx": dict(DX_IN_KERNEL=True, ADD_G_TO_DX=False, STORE_H=True, ONES_COLUMN=True, STORE_DPRE=True,
-                   GATE_FP16=True, MERGED_LOOP=True),
+    "bwd": dict(STORE_H=True, ONES_COLUMN=False, STORE_DPRE=True, GATE_FP16=True, MERGED_LOOP=True),
+    "bwd_two_loops": dict(STORE_H=True, ONES_COLUMN=True, STORE_DPRE=True, GATE_FP16=True, MERGED_LOOP=False),
     "wgrad": dict(),
 }
 _WGRAD_SHAPES = [(64, 64, 1, 8, 2), (64, 64, 1, 8, 3), (32, 64, 1, 8, 3), (32, 64, 2, 4, 3), (64, 32, 2, 4, 3),
                  (64, 32, 1, 8, 3), (32, 32, 2, 4, 2), (128, 64, 1, 8, 2), (128, 32, 1, 8, 2)]
 
 
-_UNIT_STRIDES = ("stride_xc", "stride_wdc", "stride_wuh", "stride_rn", "stride_on", "stride_gn", "stride_dxc")
+_UNIT_STRIDES = ("stride_xc", "stride_wdc", "stride_wuh", "stride_rn", "stride_on", "stride_gn")
 
 
 def compile_kernel(kernel: str, hidden: int, shape: tuple[int, int, int, int, int]):

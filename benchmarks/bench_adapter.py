@@ -197,7 +197,7 @@ def _args(argv):
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: ViT-B width, one 16×16 image")
     parser.add_argument("--graphs", action="store_true",
                         help="CUDA only: time replays of CUDA graphs (kernel time without Python launch overhead)")
-    parser.add_argument("--backward-mode", choices=["dx_loop", "cublas", "wgrad_kernel"], default=None,
+    parser.add_argument("--backward-mode", choices=["auto", "cublas", "wgrad_kernel"], default=None,
                         help="the fused backward's second half (default: the library's BACKWARD_MODE); "
                              "an explicit mode is added to the output file names")
     args = parser.parse_args(argv)

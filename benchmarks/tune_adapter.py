@@ -70,8 +70,7 @@ def _tuners():
             "bwd_wgrad": [tl_._wgrad, tl_._bwd]}
 
 
-# backward kinds: (backward_mode, the backward kernel's loops merged); dx_loop lost to cublas in every SAM
-# case in two sessions on an H100 (benchmarks/adapter_kernel_notes.md) and is no longer timed
+# backward kinds: (backward_mode, the backward kernel's loops merged)
 _MODES = {"bwd_cublas": ("cublas", True), "bwd_cublas_two_loops": ("cublas", False),
           "bwd_wgrad": ("wgrad_kernel", True)}
 

@@ -57,14 +57,14 @@ def test_sam_widths_bf16(width, hidden, merged, monkeypatch):
     _check(*_problem((3, 37, 41), width, hidden))
 
 
-MODES = ["dx_loop", "cublas", "wgrad_kernel"]
+MODES = ["cublas", "wgrad_kernel"]
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("width,hidden", [(768, 192), (1280, 320)])
 def test_every_tile_configuration(width, hidden, mode, monkeypatch):
-    """Each tile shape the autotuner may pick for this hidden width, in each backward mode (dx in the
-    fused kernel, cuBLAS, the weight-gradient kernel: its tiles too)."""
+    """Each tile shape the autotuner may pick for this hidden width, in each backward mode (weight
+    gradients by cuBLAS or by the weight-gradient kernel: its tiles too)."""
     from triton.runtime.errors import OutOfResources
 
     from medadapt.kernels.fused_adapter import triton_launch
@@ -73,7 +73,7 @@ def test_every_tile_configuration(width, hidden, mode, monkeypatch):
     monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
     monkeypatch.setattr(triton_launch, "BACKWARD_MODE", mode)
     tensors, grad = _problem((2, 23, 29), width, hidden, seed=1)
-    tuners = [triton_launch._fwd, triton_launch._bwd_dx if mode == "dx_loop" else triton_launch._bwd]
+    tuners = [triton_launch._fwd, triton_launch._bwd]
     tuners += [triton_launch._wgrad] if mode == "wgrad_kernel" else []
     lists = [triton_launch._fitting_configs(t.configs, sum(hidden_split(hidden))) for t in tuners]
     ran = 0

@@ -104,16 +104,16 @@ def test_low_precision_as_accurate_as_reference(dtype, activation, hidden):
         assert err <= 2.0 * ref_err + 4e-3 * size, f"{name}: error {err:.3g}, reference's {ref_err:.3g}"
 
 
-BACKWARD_MODES = ["dx_loop", "cublas", "wgrad_kernel"]
+BACKWARD_MODES = ["cublas", "wgrad_kernel"]
 
 
 @pytest.mark.parametrize("mode", BACKWARD_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", ["x", "separate"])
 def test_backward_modes_and_sequential_adapter(mode, dtype, residual, monkeypatch):
-    """dx in the fused kernel, as a GEMM on dpre or in the weight-gradient kernel; ``residual=x`` (the
-    sequential adapter) folds the residual's gradient into dx: all match the reference, which lets
-    autograd add the two paths."""
+    """Weight gradients by cuBLAS or the weight-gradient kernel; ``residual=x`` (the sequential adapter)
+    folds the residual's gradient into dx: both match the reference, which lets autograd add the two
+    paths."""
     from medadapt.kernels.fused_adapter import triton_launch
 
     monkeypatch.setattr(triton_launch, "BACKWARD_MODE", mode)
@@ -212,10 +212,10 @@ def test_backward_plan_by_hidden_width(monkeypatch):
     assert plan(1024, 1024, 256) == ("wgrad_kernel", False)
     assert plan(1280, 1280, 320) == ("cublas", False)
     assert plan(768, 512, 192) == ("wgrad_kernel", False)
-    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", "dx_loop")
+    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", "wgrad_kernel")
     monkeypatch.setattr(triton_launch, "MERGE_LOOPS", True)
-    assert plan(1280, 1280, 320) == ("dx_loop", True)
-    assert plan(1280, 640, 320) == ("dx_loop", False)
+    assert plan(1280, 1280, 320) == ("wgrad_kernel", True)
+    assert plan(1280, 640, 320) == ("wgrad_kernel", False)
 
 
 def test_backward_mode_rejects_unknown_value():
@@ -298,7 +298,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
     compile_kernel("fwd", 192, (64, 64, 64, 8, 3))
     compile_kernel("bwd", 320, (64, 64, 64, 8, 3))
-    compile_kernel("bwd_dx", 192, (64, 64, 128, 8, 3))
+    compile_kernel("bwd_two_loops", 192, (64, 64, 128, 8, 3))
     compile_kernel("wgrad", 320, (64, 64, 1, 8, 3))
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -10,8 +10,8 @@ ratio 0.25). The rest of the backward is one of (the launcher's ``backward_mode`
 ``wgrad_kernel``: a second kernel reads ``x`` and ``g`` once more, column slice by column slice, and gives
 both weight gradients and both bias gradients in that one pass (fp32 partial sums per row chunk, summed by
 the launcher: deterministic, no atomics), ``dx = dpre W_down`` is a cuBLAS GEMM; ``cublas``: GEMMs on the
-stored ``[h | 1]`` and ``dpre``; ``dx_loop``: ``dx`` as a third loop of the first kernel, the weight
-gradients by cuBLAS.
+stored ``[h | 1]`` and ``dpre``. (``dx`` as a third loop of the first kernel lost to the cuBLAS GEMM in every
+SAM case measured on an H100 and was removed: benchmarks/adapter_kernel_notes.md.)
 
 The hidden width ``H`` is held as two power-of-two parts ``HA + HB ≥ H`` (each ≥ 16, masked), so
 192 = 128 + 64 and 320 = 256 + 64 waste nothing; ``HB = 0`` drops the second part at compile time.
@@ -238,20 +238,19 @@ def _store_hidden(ptr, a, b, rows64, row_ok, stride_m, H, HA: tl.constexpr, HB: 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def adapter_bwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wu_ptr, g_ptr,
-    dx_ptr, h_ptr, dpre_ptr,
+    h_ptr, dpre_ptr,
     M, C, H, C_OUT, M_BUCKET,
     stride_xm, stride_xc, stride_wdh, stride_wdc, stride_wun, stride_wuh,
-    stride_gm, stride_gn, stride_dxm, stride_dxc, stride_hm, stride_dpm,
+    stride_gm, stride_gn, stride_hm, stride_dpm,
     scale,
-    ACT: tl.constexpr, HAS_BD: tl.constexpr, DX_IN_KERNEL: tl.constexpr, ADD_G_TO_DX: tl.constexpr,
-    STORE_H: tl.constexpr, ONES_COLUMN: tl.constexpr, STORE_DPRE: tl.constexpr, GATE_FP16: tl.constexpr,
-    MERGED_LOOP: tl.constexpr, HA: tl.constexpr, HB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACT: tl.constexpr, HAS_BD: tl.constexpr, STORE_H: tl.constexpr, ONES_COLUMN: tl.constexpr,
+    STORE_DPRE: tl.constexpr, GATE_FP16: tl.constexpr, MERGED_LOOP: tl.constexpr, HA: tl.constexpr,
+    HB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per token block: ``h = act(pre)`` (``[h | 1 0 … 0]``, ``H + 8`` columns, with ``ONES_COLUMN``),
-    ``dpre = scale · (g W_up) ⊙ act'(pre)`` and, with ``DX_IN_KERNEL``, the rows of ``dx = dpre W_down``
-    (``+ g`` with ``ADD_G_TO_DX``, the sequential adapter's residual path); otherwise ``dx`` comes later
-    (a cuBLAS GEMM on ``dpre``).
+    and ``dpre = scale · (g W_up) ⊙ act'(pre)``; the launcher turns them into ``dx`` (a cuBLAS GEMM) and the
+    weight and bias gradients.
 
     ``MERGED_LOOP`` (needs ``C == C_OUT``): ``pre`` and ``g W_up`` accumulate in one loop over the columns;
     otherwise two loops, with ``act'(pre)`` held in fp16 (``GATE_FP16``) between them to free registers.
@@ -262,8 +261,6 @@ def adapter_bwd_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
-    hid_a = tl.arange(0, HA)
-    hid_b = HA + tl.arange(0, HB if HB > 0 else 16)
     compute_dtype = wu_ptr.dtype.element_ty
     if MERGED_LOOP:
         pre_a, pre_b, dh_a, dh_b = _both_projections(
@@ -298,23 +295,6 @@ def adapter_bwd_kernel(
     if STORE_DPRE:
         _store_hidden(dpre_ptr, dpre_a, dpre_b, rows64, row_ok, stride_dpm, H, HA, HB)
 
-    if DX_IN_KERNEL:
-        for k0 in range(0, C, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < C
-            w_a = tl.load(wd_ptr + hid_a[:, None] * stride_wdh + cols[None, :] * stride_wdc,
-                          mask=(hid_a[:, None] < H) & col_ok[None, :], other=0.0)
-            dx = _mm(dpre_a, w_a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, UPCAST)
-            if HB > 0:
-                w_b = tl.load(wd_ptr + hid_b[:, None] * stride_wdh + cols[None, :] * stride_wdc,
-                              mask=(hid_b[:, None] < H) & col_ok[None, :], other=0.0)
-                dx = _mm(dpre_b, w_b, dx, PRECISION, UPCAST)
-            mask = row_ok[:, None] & col_ok[None, :]
-            if ADD_G_TO_DX:  # the sequential adapter's residual: d x += g (C_OUT == C)
-                dx += tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask,
-                              other=0.0).to(tl.float32)
-            tl.store(dx_ptr + rows64[:, None] * stride_dxm + cols[None, :] * stride_dxc,
-                     _cast(dx, dx_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])

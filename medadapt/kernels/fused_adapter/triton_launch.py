@@ -43,8 +43,6 @@ _FWD_SHAPES = [(64, 64, 64, 8, 3, 320), (64, 64, 64, 8, 2, 320), (64, 64, 128, 8
                (128, 32, 64, 8, 4, 192)]
 _BWD_SHAPES = [(64, 64, 64, 8, 2, 320), (64, 64, 64, 8, 3, 320), (64, 64, 128, 8, 3, 256), (32, 64, 64, 4, 3, 320),
                (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256), (64, 32, 64, 8, 3, 320)]
-_BWD_DX_SHAPES = [(64, 64, 64, 8, 2, 320), (64, 64, 64, 8, 3, 320), (64, 64, 128, 8, 3, 192), (32, 64, 64, 4, 3, 192),
-                  (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256)]
 
 # Weight-gradient kernel: (BLOCK_M, BLOCK_C, num_warps, num_stages, programs per SM, widest padded hidden
 # block). Each program holds one [hidden × BLOCK_C] fp32 accumulator (dW_down or dW_upᵀ) in registers and
@@ -56,14 +54,13 @@ _WGRAD_SHAPES = [(64, 128, 8, 3, 1, 320), (64, 128, 8, 2, 1, 320), (32, 128, 8, 
                  (64, 128, 16, 3, 1, 320), (64, 64, 8, 3, 1, 320), (128, 64, 8, 2, 1, 320), (64, 128, 8, 3, 2, 320),
                  (64, 256, 16, 2, 1, 192)]
 
-# After the fused kernel: "dx_loop" (dx as a third loop of it, weight gradients by cuBLAS), "cublas" (dx and
-# the weight gradients as GEMMs on the stored h and dpre), "wgrad_kernel" (the weight and bias gradients from
-# one more Triton pass, dx by cuBLAS: dx inside that pass cost 50 µs vs the GEMM's 31 at ViT-B batch 8), or
-# "auto" (``_backward_plan``). dx as a cuBLAS GEMM beat the third loop in every SAM case on an H100 (bf16,
-# graph-replayed backward: 76 vs 82 µs at ViT-B batch 1, 288 vs 307 µs at batch 8, 441 vs 610 µs at ViT-H
-# batch 8).
+# After the fused kernel: "cublas" (dx and the weight gradients as GEMMs on the stored h and dpre),
+# "wgrad_kernel" (the weight and bias gradients from one more Triton pass, dx by cuBLAS: dx inside that pass
+# cost 50 µs vs the GEMM's 31 at ViT-B batch 8), or "auto" (``_backward_plan``). dx is always a cuBLAS GEMM:
+# it beat a third loop of the fused kernel in every SAM case on an H100 (graph-replayed backward: 76 vs
+# 82 µs at ViT-B batch 1, 288 vs 307 µs at batch 8, 441 vs 610 µs at ViT-H batch 8; that loop is gone).
 BACKWARD_MODE = "auto"
-_BACKWARD_MODES = ("auto", "dx_loop", "cublas", "wgrad_kernel")
+_BACKWARD_MODES = ("auto", "cublas", "wgrad_kernel")
 # The backward kernel's two sums over the columns (x W_downᵀ and g W_up) in one loop (needs C == C_out):
 # True, False, or None for ``_backward_plan``'s choice.
 MERGE_LOOPS: bool | None = None
@@ -124,8 +121,7 @@ def _tuned(kernel, configs, interpreter_configs, key=("M_BUCKET", "C", "C_OUT", 
 
 
 _fwd = _tuned(adapter_fwd_kernel, _gpu_configs(_FWD_SHAPES), _INTERPRETER_CONFIG)
-_bwd = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_SHAPES), _INTERPRETER_CONFIG)  # dx elsewhere
-_bwd_dx = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_DX_SHAPES), _INTERPRETER_CONFIG)  # dx in the kernel
+_bwd = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_SHAPES), _INTERPRETER_CONFIG)
 _wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG,
                 key=("M_BUCKET", "C", "C_OUT", "H"))
 
@@ -199,10 +195,10 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
         needs: which of ``(dx, dW_down, db_down, dW_up, db_up)`` to compute.
         add_grad_to_dx: ``dx += grad`` (the sequential adapter, whose residual is ``x`` itself).
         backward_mode: ``"wgrad_kernel"`` (every weight and bias gradient from a second Triton pass, dx
-            as cuBLAS), ``"cublas"`` (GEMMs on the stored ``h`` and ``dpre``, ``grad`` as dx's addend),
-            ``"dx_loop"`` (dx as a third loop of the fused kernel, weights by cuBLAS), ``"auto"``
-            (``_backward_plan``) or None for ``BACKWARD_MODE``. With no weight gradient needed,
-            ``wgrad_kernel`` runs as ``cublas`` (dx alone).
+            as cuBLAS), ``"cublas"`` (GEMMs on the stored ``h`` and ``dpre``), ``"auto"``
+            (``_backward_plan``) or None for ``BACKWARD_MODE``. dx is one cuBLAS GEMM on ``dpre`` in
+            every mode, with ``grad`` as its addend for the sequential adapter. With no weight gradient
+            needed, ``wgrad_kernel`` runs as ``cublas`` (dx alone).
 
     Returns:
         ``(dx, dW_down, db_down, dW_up, db_up)``, None where not needed; dx in x's dtype, the others in
@@ -220,35 +216,27 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
         mode = "cublas"
     dtype, device = w_up.dtype, x2.device
     second_pass = mode == "wgrad_kernel"
-    dx_in_kernel = need_dx and mode == "dx_loop"
-    store_dpre = second_pass or need_dwd or need_dbd or (need_dx and not dx_in_kernel)
-    kernel = _bwd_dx if dx_in_kernel else _bwd
-    dx = torch.empty((M, C), device=device, dtype=x2.dtype) if dx_in_kernel else None
+    store_dpre = second_pass or need_dx or need_dwd or need_dbd
     h_width = H if second_pass else H + 8  # the cuBLAS path's ones column gives db_up from the dW_up GEMM
     h1 = torch.empty((M, h_width), device=device, dtype=dtype) if second_pass or need_dwu or need_dbu else None
     dpre = torch.empty((M, H), device=device, dtype=dtype) if store_dpre else None
     dummy = x2  # never written: its stores are compiled out
     ha, hb = hidden_split(H)
-    _launch(kernel, _row_blocks(M), (_bucket(M), C, C_out, H), (
-        x2, w_down, b_down if b_down is not None else w_down, w_up, grad2,
-        _or(dx, dummy), _or(h1, dummy), _or(dpre, dummy),
+    _launch(_bwd, _row_blocks(M), (_bucket(M), C, C_out, H), (
+        x2, w_down, b_down if b_down is not None else w_down, w_up, grad2, _or(h1, dummy), _or(dpre, dummy),
         M, C, H, C_out, _bucket(M),
         x2.stride(0), x2.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
-        grad2.stride(0), grad2.stride(1),
-        dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
-        h1.stride(0) if h1 is not None else 0, dpre.stride(0) if dpre is not None else 0,
-        float(scale),
+        grad2.stride(0), grad2.stride(1), h1.stride(0) if h1 is not None else 0,
+        dpre.stride(0) if dpre is not None else 0, float(scale),
     ), dict(
-        ACT=ACTIVATION_CODES[activation], HAS_BD=b_down is not None, DX_IN_KERNEL=dx_in_kernel,
-        ADD_G_TO_DX=dx_in_kernel and add_grad_to_dx, STORE_H=h1 is not None, ONES_COLUMN=not second_pass,
-        STORE_DPRE=store_dpre, GATE_FP16=dtype in (torch.float16, torch.bfloat16),
-        MERGED_LOOP=merged, HA=ha, HB=hb,
-        PRECISION=_precision(x2.dtype), UPCAST=interpret_mode(),
+        ACT=ACTIVATION_CODES[activation], HAS_BD=b_down is not None, STORE_H=h1 is not None,
+        ONES_COLUMN=not second_pass, STORE_DPRE=store_dpre, GATE_FP16=dtype in (torch.float16, torch.bfloat16),
+        MERGED_LOOP=merged, HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=interpret_mode(),
     ))
-    d_w_up = d_b_up = None
+    d_w_up = d_b_up = dx = None
     g = grad2.to(dtype)
     with torch.autocast(device_type=device.type, enabled=False):
-        if need_dx and not dx_in_kernel:  # dx = dpre W_down (+ g), the addend in the GEMM's epilogue
+        if need_dx:  # dx = dpre W_down (+ g), the addend in the GEMM's epilogue
             dx = torch.addmm(g, dpre, w_down) if add_grad_to_dx else dpre @ w_down
             dx = dx.to(x2.dtype)
         if second_pass:
