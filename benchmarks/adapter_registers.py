@@ -43,8 +43,9 @@ def compile_kernel(kernel: str, hidden: int, shape: tuple[int, int, int, int, in
     from triton.compiler import ASTSource
 
     from medadapt.kernels.fused_adapter import triton_kernels as tk
+    from medadapt.kernels.fused_adapter.triton_weight_grads import adapter_wgrad_kernel
 
-    fn = {"fwd": tk.adapter_fwd_kernel, "wgrad": tk.adapter_wgrad_kernel}.get(kernel, tk.adapter_bwd_kernel)
+    fn = {"fwd": tk.adapter_fwd_kernel, "wgrad": adapter_wgrad_kernel}.get(kernel, tk.adapter_bwd_kernel)
     bm, bk, bn, warps, stages = shape
     ha, hb = tk.hidden_split(hidden)
     tiles = dict(BLOCK_M=bm, BLOCK_C=bk, WAVES=bn) if kernel == "wgrad" else dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)

@@ -196,7 +196,7 @@ def test_weight_gradient_kernel_matches_float64(rows, width, c_out, hidden, need
 
 
 def test_weight_gradient_part_offsets():
-    from medadapt.kernels.fused_adapter.triton_kernels import wgrad_part_offsets
+    from medadapt.kernels.fused_adapter.triton_weight_grads import wgrad_part_offsets
 
     assert wgrad_part_offsets(768, 768, 192) == (147456, 294912, 295680, 295872)
     assert wgrad_part_offsets(5, 3, 2) == (10, 16, 19, 21)
@@ -302,7 +302,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     compile_kernel("wgrad", 320, (64, 64, 1, 8, 3))
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from medadapt.kernels.fused_adapter.triton_kernels import column_sum_kernel
+    from medadapt.kernels.fused_adapter.triton_weight_grads import column_sum_kernel
     sig = dict(a_ptr="*bf16", part_ptr="*fp32", M="i32", N="i32", stride_am="i32", BLOCK_M="constexpr",
                BLOCK_N="constexpr")
     src = ASTSource(column_sum_kernel, sig, constexprs=dict(BLOCK_M=32, BLOCK_N=256))

@@ -18,15 +18,8 @@ import triton
 
 from .._dispatch import interpret_mode
 from .reference import scaled_matmul
-from .triton_kernels import (
-    ACTIVATION_CODES,
-    adapter_bwd_kernel,
-    adapter_fwd_kernel,
-    adapter_wgrad_kernel,
-    column_sum_kernel,
-    hidden_split,
-    wgrad_part_offsets,
-)
+from .triton_kernels import ACTIVATION_CODES, adapter_bwd_kernel, adapter_fwd_kernel, hidden_split
+from .triton_weight_grads import adapter_wgrad_kernel, column_sum_kernel, wgrad_part_offsets
 
 __all__ = ["BACKWARD_MODE", "adapter_backward", "adapter_forward", "column_sum"]
 
