@@ -3,7 +3,8 @@
 # Usage on the device machine (repo root, $OUT set):  bash benchmarks/gpu_suite.sh [part]
 #   part: all (default) | kernels (checks + tests + scan bench) | benches (adapter + finetune benches)
 #         | adapter (fused adapter: tile timings, CUDA tests, benchmark with and without CUDA graphs)
-#         | adapter_modes (tile timings of every backward mode, CUDA tests, graph benchmark of wgrad_kernel)
+#         | adapter_modes (tile timings of every backward variant, CUDA tests, graph benchmark; BENCH_MODE=cublas
+#           or wgrad_kernel forces that backward mode in the benchmark, whose files then carry its name)
 #         | adapter_quick (parallel precompile, the SAM-width CUDA tests, the graph benchmark: ~4 min)
 # Pure-Python extras (segment-anything, monai, nibabel) travel as wheels in .whl/.
 set -uo pipefail
@@ -35,7 +36,8 @@ log="$OUT/gpu_log_${part}.txt"
   if [[ $part == adapter_modes ]]; then
     timeout 220 python3 benchmarks/tune_adapter.py --out "$OUT"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py
-    timeout 150 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8 --backward-mode ${BENCH_MODE:-wgrad_kernel}
+    timeout 150 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8 \
+      ${BENCH_MODE:+--backward-mode "$BENCH_MODE"}
   fi
   if [[ $part == adapter_quick ]]; then
     timeout 60 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from tune_adapter import precompile; \
