@@ -107,16 +107,16 @@ def _untagged(config: triton.Config) -> triton.Config:
     return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _tuned(kernel, configs, interpreter_configs, key=("M_BUCKET", "C", "C_OUT", "H")):
+def _tuned(kernel, configs, interpreter_configs):
+    key = ["M_BUCKET", "C", "C_OUT", "H"]
     if interpret_mode():
-        return triton.autotune(configs=interpreter_configs, key=list(key))(kernel)
-    return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": _prune})(kernel)
+        return triton.autotune(configs=interpreter_configs, key=key)(kernel)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 _fwd = _tuned(adapter_fwd_kernel, _gpu_configs(_FWD_SHAPES), _INTERPRETER_CONFIG)
 _bwd = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_SHAPES), _INTERPRETER_CONFIG)
-_wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG,
-                key=("M_BUCKET", "C", "C_OUT", "H"))
+_wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG)
 
 
 _chosen: dict[tuple, triton.Config] = {}
@@ -233,7 +233,7 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
             dx = torch.addmm(g, dpre, w_down) if add_grad_to_dx else dpre @ w_down
             dx = dx.to(x2.dtype)
         if second_pass:
-            grads = (dx, *_weight_gradient_pass(x2, grad2, h1, dpre, w_down, scale))
+            grads = (dx, *_weight_gradient_pass(x2, g, h1, dpre, w_down, scale))
             return tuple(t if need else None for t, need in zip(grads, needs))
         d_w_down = dpre.t() @ x2.to(dtype) if need_dwd else None
         d_b_down = column_sum(dpre).to(dtype) if need_dbd else None
@@ -247,12 +247,11 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
 def _weight_gradient_pass(x2, grad2, h, dpre, w_down, scale):
     """``(dW_down, db_down, dW_up, db_up)`` from ``adapter_wgrad_kernel``: a grid of column slices (of ``x`` for
     dW_down, of ``g`` for dW_up) × row chunks, about ``WAVES`` programs per SM, each writing one row of fp32
-    partial sums; one ``sum(0)`` of those rows and one cast give all four (views of one buffer)."""
+    partial sums; one ``sum(0)`` of those rows and one cast give all four (views of one buffer). ``grad2`` is
+    in ``x2``'s dtype (the compute dtype): one loop reads either through the same pointer type."""
     M, C = x2.shape
     H, C_out = w_down.shape[0], grad2.shape[1]
     sms = _sm_count(x2.device)
-    if grad2.dtype != x2.dtype:  # one loop reads x or g through the same pointer type
-        grad2 = grad2.to(x2.dtype)
 
     def slices(meta) -> tuple[int, int]:
         return triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(C_out, meta["BLOCK_C"])
@@ -265,7 +264,7 @@ def _weight_gradient_pass(x2, grad2, h, dpre, w_down, scale):
                        dtype=torch.float32)
     ha, hb = hidden_split(H)
     config = _launch(_wgrad, lambda meta: (sum(slices(meta)), splits(meta)), (_bucket(M), C, C_out, H), (
-        x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M),
+        x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M), o_wu, o_bu, o_bd,
         x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0), part.stride(0),
         float(scale),
     ), dict(HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=interpret_mode()))

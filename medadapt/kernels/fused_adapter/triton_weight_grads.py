@@ -47,7 +47,7 @@ def wgrad_part_offsets(C: int, C_out: int, H: int) -> tuple[int, int, int, int]:
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def adapter_wgrad_kernel(
     x_ptr, g_ptr, h_ptr, dpre_ptr, part_ptr,
-    M, C, H, C_OUT, M_BUCKET,
+    M, C, H, C_OUT, M_BUCKET, O_WU, O_BU, O_BD,
     stride_xm, stride_xc, stride_gm, stride_gn, stride_hm, stride_dpm, stride_part,
     scale,
     HA: tl.constexpr, HB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -55,14 +55,15 @@ def adapter_wgrad_kernel(
 ):
     """Both weight gradients and both bias gradients as fp32 partial sums over chunks of rows.
 
-    Programs ``(j, s)`` with ``j < cdiv(C, BLOCK_C)`` sum ``dpreᵀ x[:, cols]`` (``dW_down[:, cols]``) and, in slice 0,
-    ``Σ dpre`` (``db_down``); the others sum ``scale · hᵀ g[:, cols]`` (``dW_upᵀ``, stored transposed) and
-    ``scale · Σ g[:, cols]`` (``db_up``), over the ``s``-th chunk of ``BLOCK_M``-row blocks, into row ``s`` of
-    ``part`` (``wgrad_part_offsets``); the launcher adds the rows (deterministic, no atomics). The two
-    problems differ only in pointers, strides and the scale, so one loop serves both: the left operand
-    (``dpre`` or ``h``, ``M × H``) is read once per column slice (from L2 for all but one), the right one
-    (``x`` or ``g``) exactly once. Bias sums are products with a ones block, keeping the loop a chain of
-    ``tl.dot``s (an in-loop ``tl.sum`` broke the pipelined loop on an H100). ``WAVES`` only sets the grid.
+    Programs ``(j, s)`` with ``j < cdiv(C, BLOCK_C)`` sum ``dpreᵀ x[:, cols]`` (``dW_down[:, cols]``) and, in
+    slice 0, ``Σ dpre`` (``db_down``); the others sum ``scale · hᵀ g[:, cols]`` (``dW_upᵀ``, stored transposed)
+    and ``scale · Σ g[:, cols]`` (``db_up``), over the ``s``-th chunk of ``BLOCK_M``-row blocks, into row ``s``
+    of ``part`` (at the offsets ``O_WU, O_BU, O_BD`` from ``wgrad_part_offsets``); the launcher adds the rows
+    (deterministic, no atomics). The two problems differ only in pointers, strides and the scale, so one loop
+    serves both: the left operand (``dpre`` or ``h``, ``M × H``) is read once per column slice (from L2 for all
+    but one), the right one (``x`` or ``g``) exactly once. Bias sums are products with a ones block, keeping
+    the loop a chain of ``tl.dot``s (an in-loop ``tl.sum`` broke the pipelined loop on an H100); both sums are
+    formed in every program (small products) and each problem stores its own. ``WAVES`` only sets the grid.
     """
     j = tl.program_id(0)
     s = tl.program_id(1)
@@ -73,12 +74,12 @@ def adapter_wgrad_kernel(
         left_ptr, stride_lm = h_ptr, stride_hm
         right_ptr, stride_rm, stride_rc = g_ptr, stride_gm, stride_gn
         width, mult = C_OUT, scale
-        out_h, out_c, o_out, o_sum = 1, H, H * C, H * C + C_OUT * H  # dW_up[c, h], db_up[c]
+        out_h, out_c, o_out, o_sum = 1, H, O_WU, O_BU  # dW_up[c, h], db_up[c]
     else:
         left_ptr, stride_lm = dpre_ptr, stride_dpm
         right_ptr, stride_rm, stride_rc = x_ptr, stride_xm, stride_xc
         width, mult = C, 1.0
-        out_h, out_c, o_out, o_sum = C, 1, 0, H * C + C_OUT * H + C_OUT  # dW_down[h, c], db_down[h]
+        out_h, out_c, o_out, o_sum = C, 1, 0, O_BD  # dW_down[h, c], db_down[h]
     n_blocks = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(n_blocks, tl.num_programs(1))
     cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
