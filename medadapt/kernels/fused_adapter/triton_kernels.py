@@ -31,10 +31,13 @@ ACTIVATION_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
 
 
 def hidden_split(hidden: int) -> tuple[int, int]:
-    """Two power-of-two widths ``(HA, HB)`` covering ``hidden``, each ≥ 16 (``tl.dot``'s minimum); HB may be 0."""
+    """Two power-of-two widths ``(HA, HB)`` covering ``hidden``, each ≥ 16 (``tl.dot``'s minimum); HB may be 0.
+
+    Plain integer arithmetic: it runs on every launch, and Triton's own helpers are ``constexpr_function``
+    objects that cost microseconds per host call."""
     first = max(16, 1 << (hidden.bit_length() - 1))
     rest = hidden - first
-    return first, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
+    return first, (0 if rest <= 0 else max(16, 1 << (rest - 1).bit_length()))
 
 
 @triton.jit

@@ -11,6 +11,7 @@ Importing this module imports Triton.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -107,9 +108,14 @@ def _untagged(config: triton.Config) -> triton.Config:
     return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+# Whether the kernels run in Triton's CPU interpreter: fixed when this module is imported (Triton reads
+# TRITON_INTERPRET when it decorates the kernels), so it is read once, not per launch.
+_INTERPRET = interpret_mode()
+
+
 def _tuned(kernel, configs, interpreter_configs):
     key = ["M_BUCKET", "C", "C_OUT", "H"]
-    if interpret_mode():
+    if _INTERPRET:
         return triton.autotune(configs=interpreter_configs, key=key)(kernel)
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
 
@@ -140,13 +146,20 @@ def _launch(tuner, grid, shape_key: tuple, args: tuple, constexprs: dict) -> tri
     return config
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``⌈a / b⌉``. The launchers' host arithmetic avoids ``triton.cdiv`` / ``triton.next_power_of_2``:
+    those are ``constexpr_function`` objects costing ~4 µs per host call (Triton 3.8), ~19 calls per
+    forward+backward (``benchmarks/bench_adapter_host.py``)."""
+    return -(-a // b)
+
+
 def _row_blocks(M: int):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+    return lambda meta: (_cdiv(M, meta["BLOCK_M"]),)
 
 
 def _bucket(tokens: int) -> int:
     """Autotuning bucket of a token count: the next power of two, at least 1024 and at most 65536."""
-    return min(max(triton.next_power_of_2(tokens), 1024), 1 << 16)
+    return min(max(1 << (tokens - 1).bit_length(), 1024), 1 << 16)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -173,7 +186,7 @@ def adapter_forward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor
         float(scale),
     ), dict(
         ACT=ACTIVATION_CODES[activation], HAS_BD=b_down is not None, HAS_BU=b_up is not None,
-        HAS_RES=residual2 is not None, HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=interpret_mode(),
+        HAS_RES=residual2 is not None, HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=_INTERPRET,
     ))
     return out
 
@@ -224,11 +237,11 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
     ), dict(
         ACT=ACTIVATION_CODES[activation], HAS_BD=b_down is not None, STORE_H=h1 is not None,
         ONES_COLUMN=not second_pass, STORE_DPRE=store_dpre, GATE_FP16=dtype in (torch.float16, torch.bfloat16),
-        MERGED_LOOP=merged, HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=interpret_mode(),
+        MERGED_LOOP=merged, HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=_INTERPRET,
     ))
     d_w_up = d_b_up = dx = None
     g = grad2.to(dtype)
-    with torch.autocast(device_type=device.type, enabled=False):
+    with _autocast_off(device):
         if need_dx:  # dx = dpre W_down (+ g), the addend in the GEMM's epilogue
             dx = torch.addmm(g, dpre, w_down) if add_grad_to_dx else dpre @ w_down
             dx = dx.to(x2.dtype)
@@ -254,10 +267,10 @@ def _weight_gradient_pass(x2, grad2, h, dpre, w_down, scale):
     sms = _sm_count(x2.device)
 
     def slices(meta) -> tuple[int, int]:
-        return triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(C_out, meta["BLOCK_C"])
+        return _cdiv(C, meta["BLOCK_C"]), _cdiv(C_out, meta["BLOCK_C"])
 
     def splits(meta) -> int:
-        return max(1, min(triton.cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // sum(slices(meta))))
+        return max(1, min(_cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // sum(slices(meta))))
 
     o_wu, o_bu, o_bd, total = wgrad_part_offsets(C, C_out, H)
     part = torch.empty((max(splits(c.kwargs) for c in _wgrad.configs), total), device=x2.device,
@@ -267,7 +280,7 @@ def _weight_gradient_pass(x2, grad2, h, dpre, w_down, scale):
         x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M), o_wu, o_bu, o_bd,
         x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0), part.stride(0),
         float(scale),
-    ), dict(HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=interpret_mode()))
+    ), dict(HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=_INTERPRET))
     sums = part[:splits(config.kwargs)].sum(0).to(w_down.dtype)
     return sums[:o_wu].view(H, C), sums[o_bd:total], sums[o_wu:o_bu].view(C_out, H), sums[o_bu:o_bd]
 
@@ -275,18 +288,26 @@ def _weight_gradient_pass(x2, grad2, h, dpre, w_down, scale):
 def column_sum(a: torch.Tensor) -> torch.Tensor:
     """``a.sum(0)`` in fp32 for a 2-D ``a`` with unit column stride (``column_sum_kernel``, then the partials)."""
     rows, cols = a.shape
-    block_n = max(16, triton.next_power_of_2(cols))
+    block_n = max(16, 1 << (cols - 1).bit_length())
     block_m = max(1, 8192 // block_n)  # 32 fp32 accumulators per thread at 8 warps
-    programs = max(1, min(triton.cdiv(rows, block_m), 4 * _sm_count(a.device)))
+    programs = max(1, min(_cdiv(rows, block_m), 4 * _sm_count(a.device)))
     part = torch.empty((programs, block_n), device=a.device, dtype=torch.float32)
     column_sum_kernel[(programs,)](a, part, rows, cols, a.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-                                   num_warps=8 if not interpret_mode() else 4)
+                                   num_warps=8 if not _INTERPRET else 4)
     return part[:, :cols].sum(0)
 
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _autocast_off(device: torch.device):
+    """Autocast disabled for the backward's GEMMs; a no-op context when it is off already (the usual case:
+    entering ``torch.autocast`` costs microseconds of host time per call)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _or(t: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
