@@ -26,6 +26,8 @@ _FLAGS = {
     "bwd": dict(STORE_H=True, ONES_COLUMN=False, STORE_DPRE=True, GATE_FP16=True, MERGED_LOOP=True),
     "bwd_two_loops": dict(STORE_H=True, ONES_COLUMN=True, STORE_DPRE=True, GATE_FP16=True, MERGED_LOOP=False),
     "wgrad": dict(),
+    "wgrad_down": dict(PROBLEM=1),  # one problem per launch (triton_launch.WGRAD_LAUNCHES = 2)
+    "wgrad_up": dict(PROBLEM=2),
 }
 _WGRAD_SHAPES = [(64, 64, 1, 8, 2), (64, 64, 1, 8, 3), (32, 64, 1, 8, 3), (32, 64, 2, 4, 3), (64, 32, 2, 4, 3),
                  (64, 32, 1, 8, 3), (32, 32, 2, 4, 2), (128, 64, 1, 8, 2), (128, 32, 1, 8, 2)]
@@ -45,12 +47,13 @@ def compile_kernel(kernel: str, hidden: int, shape: tuple[int, int, int, int, in
     from medadapt.kernels.fused_adapter import triton_kernels as tk
     from medadapt.kernels.fused_adapter.triton_weight_grads import adapter_wgrad_kernel
 
-    fn = {"fwd": tk.adapter_fwd_kernel, "wgrad": adapter_wgrad_kernel}.get(kernel, tk.adapter_bwd_kernel)
+    wgrad = kernel.startswith("wgrad")
+    fn = adapter_wgrad_kernel if wgrad else tk.adapter_fwd_kernel if kernel == "fwd" else tk.adapter_bwd_kernel
     bm, bk, bn, warps, stages = shape
     ha, hb = tk.hidden_split(hidden)
-    tiles = dict(BLOCK_M=bm, BLOCK_C=bk, WAVES=bn) if kernel == "wgrad" else dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
+    tiles = dict(BLOCK_M=bm, BLOCK_C=bk, WAVES=bn) if wgrad else dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn)
     consts = dict(HA=ha, HB=hb, PRECISION="tf32", UPCAST=False, **tiles, **_FLAGS[kernel])
-    if kernel != "wgrad":
+    if not wgrad:
         consts.update(ACT=0, HAS_BD=True)
     consts.update({name: 1 for name in _UNIT_STRIDES if name in fn.arg_names})
     sig = {name: ("constexpr" if name in consts else "*fp32" if name.endswith("part_ptr")
@@ -93,7 +96,7 @@ def _main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     args = parser.parse_args()
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else
-              _WGRAD_SHAPES if args.kernel == "wgrad" else
+              _WGRAD_SHAPES if args.kernel.startswith("wgrad") else
               [(m, k, n, w, s) for m, k, n, w, s in itertools.product((32, 64, 128), (32, 64), (64, 128), (4, 8, 16),
                                                                       (2, 3, 4))
                if w * 32 * 2 <= m * max(n, k) and not (m == 128 and w == 4) and not (m == 32 and w == 16)])

@@ -8,7 +8,8 @@ Kernels are compiled first in parallel worker processes (Triton's disk cache the
 process), then each (case, kernel, tile shape) is timed as CUDA-graph replays. The backward is timed as
 a whole: ``bwd_cublas`` per tile of the fused kernel (one loop over the columns; ``bwd_cublas_two_loops``
 with two), the rest cuBLAS; ``bwd_wgrad`` per tile of the weight-gradient kernel (the fused kernel
-autotuned); the cuBLAS GEMMs and the weight-gradient pass are also timed alone. Writes
+autotuned; ``bwd_wgrad_two_launches`` with one launch per weight, ``WGRAD_LAUNCHES = 2``); the cuBLAS GEMMs
+and the weight-gradient pass (one grid, two launches) are also timed alone. Writes
 ``adapter_tuning_<device>.csv`` and ``adapter_host_<device>.txt`` (host time per call, cProfile of the
 fused forward+backward).
 """
@@ -67,12 +68,12 @@ def _tuners():
     from medadapt.kernels.fused_adapter import triton_launch as tl_
 
     return {"fwd": [tl_._fwd], "bwd_cublas": [tl_._bwd], "bwd_cublas_two_loops": [tl_._bwd],
-            "bwd_wgrad": [tl_._wgrad, tl_._bwd]}
+            "bwd_wgrad": [tl_._wgrad, tl_._bwd], "bwd_wgrad_two_launches": [tl_._wgrad, tl_._bwd]}
 
 
-# backward kinds: (backward_mode, the backward kernel's loops merged)
-_MODES = {"bwd_cublas": ("cublas", True), "bwd_cublas_two_loops": ("cublas", False),
-          "bwd_wgrad": ("wgrad_kernel", True)}
+# backward kinds: (backward_mode, the backward kernel's loops merged, weight-gradient launches)
+_MODES = {"bwd_cublas": ("cublas", True, 1), "bwd_cublas_two_loops": ("cublas", False, 1),
+          "bwd_wgrad": ("wgrad_kernel", True, 1), "bwd_wgrad_two_launches": ("wgrad_kernel", True, 2)}
 
 
 def _fitting(tuner, hidden: int) -> list:
@@ -91,15 +92,16 @@ def _call(kind: str, case: dict):
                                        torch.bfloat16)
     from medadapt.kernels.fused_adapter import triton_launch
 
-    mode, merged = _MODES[kind]
+    mode, merged, launches = _MODES[kind]
 
     def backward():
-        saved, triton_launch.MERGE_LOOPS = triton_launch.MERGE_LOOPS, merged
+        saved = triton_launch.MERGE_LOOPS, triton_launch.WGRAD_LAUNCHES
+        triton_launch.MERGE_LOOPS, triton_launch.WGRAD_LAUNCHES = merged, launches
         try:
             return adapter_backward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["g2"], 0.5, "gelu", NEEDS,
                                     backward_mode=mode)
         finally:
-            triton_launch.MERGE_LOOPS = saved
+            triton_launch.MERGE_LOOPS, triton_launch.WGRAD_LAUNCHES = saved
 
     return backward
 
@@ -183,7 +185,21 @@ def _gemm_parts(case: dict) -> dict[str, float]:
             "gemm_dx": _timed_ms(lambda: dpre @ case["w_down"]),
             "sum_db_down": _timed_ms(lambda: dpre.sum(0, dtype=torch.float32)),
             "wgrad_pass": _timed_ms(lambda: _weight_gradient_pass(case["x2"], case["g2"], h, dpre, case["w_down"],
-                                                                  0.5))}
+                                                                  0.5)),
+            "wgrad_pass_two_launches": _two_launches_ms(lambda: _weight_gradient_pass(
+                case["x2"], case["g2"], h, dpre, case["w_down"], 0.5))}
+
+
+def _two_launches_ms(fn) -> float:
+    """``fn`` timed with the weight-gradient kernel as one launch per problem (each autotuned first)."""
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    saved, triton_launch.WGRAD_LAUNCHES = triton_launch.WGRAD_LAUNCHES, 2
+    try:
+        fn()
+        return _timed_ms(fn)
+    finally:
+        triton_launch.WGRAD_LAUNCHES = saved
 
 
 def host_report(path: str, grid: int = 64, calls: int = 300) -> str:

@@ -57,20 +57,22 @@ def test_sam_widths_bf16(width, hidden, merged, monkeypatch):
     _check(*_problem((3, 37, 41), width, hidden))
 
 
-MODES = ["cublas", "wgrad_kernel"]
+MODES = ["cublas", "wgrad_kernel", "wgrad_kernel_two_launches"]
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("width,hidden", [(768, 192), (1280, 320)])
 def test_every_tile_configuration(width, hidden, mode, monkeypatch):
     """Each tile shape the autotuner may pick for this hidden width, in each backward mode (weight
-    gradients by cuBLAS or by the weight-gradient kernel: its tiles too)."""
+    gradients by cuBLAS or by the weight-gradient kernel, one grid or one launch per problem: its tiles too)."""
     from triton.runtime.errors import OutOfResources
 
     from medadapt.kernels.fused_adapter import triton_launch
     from medadapt.kernels.fused_adapter.triton_kernels import hidden_split
 
     monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
+    monkeypatch.setattr(triton_launch, "WGRAD_LAUNCHES", 2 if mode.endswith("two_launches") else 1)
+    mode = mode.removesuffix("_two_launches")
     monkeypatch.setattr(triton_launch, "BACKWARD_MODE", mode)
     tensors, grad = _problem((2, 23, 29), width, hidden, seed=1)
     tuners = [triton_launch._fwd, triton_launch._bwd]
@@ -95,7 +97,8 @@ def test_sequential_adapter_folds_residual_gradient(mode, monkeypatch):
     from medadapt.kernels.fused_adapter import triton_launch
 
     monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
-    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", mode)
+    monkeypatch.setattr(triton_launch, "WGRAD_LAUNCHES", 2 if mode.endswith("two_launches") else 1)
+    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", mode.removesuffix("_two_launches"))
     tensors, grad = _problem((2, 21, 19), 768, 192, seed=4)
     results = {}
     for name, fn, dtype in (("exact", fused_adapter_reference, torch.float64),

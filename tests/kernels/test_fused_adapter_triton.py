@@ -174,10 +174,15 @@ def test_launcher_remembers_the_autotuned_configuration(monkeypatch):
         (70, 40, 40, 12, (True, False, False, False, True)),  # db_up alone
     ],
 )
-def test_weight_gradient_kernel_matches_float64(rows, width, c_out, hidden, needs):
-    """The second backward pass: dx, dW_down, db_down, dW_up, db_up from fp32 partial sums per row chunk."""
+@pytest.mark.parametrize("launches", [1, 2])
+def test_weight_gradient_kernel_matches_float64(rows, width, c_out, hidden, needs, launches, monkeypatch):
+    """The second backward pass: dx, dW_down, db_down, dW_up, db_up from fp32 partial sums per row chunk; both
+    problems in one grid, or one launch per problem (each compiled for its problem, its own buffer)."""
+    from medadapt.kernels.fused_adapter import triton_launch
     from medadapt.kernels.fused_adapter.reference import fused_adapter_reference as ref
     from medadapt.kernels.fused_adapter.triton_launch import adapter_backward
+
+    monkeypatch.setattr(triton_launch, "WGRAD_LAUNCHES", launches)
 
     gen = torch.Generator().manual_seed(rows)
     x, g = torch.randn(rows, width, generator=gen), torch.randn(rows, c_out, generator=gen)
@@ -300,6 +305,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     compile_kernel("bwd", 320, (64, 64, 64, 8, 3))
     compile_kernel("bwd_two_loops", 192, (64, 64, 128, 8, 3))
     compile_kernel("wgrad", 320, (64, 64, 1, 8, 3))
+    compile_kernel("wgrad_down", 192, (64, 128, 1, 8, 3))
+    compile_kernel("wgrad_up", 320, (64, 128, 1, 8, 3))
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from medadapt.kernels.fused_adapter.triton_weight_grads import column_sum_kernel

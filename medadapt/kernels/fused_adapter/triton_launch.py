@@ -55,6 +55,11 @@ _WGRAD_SHAPES = [(64, 128, 8, 3, 1, 320), (64, 128, 8, 2, 1, 320), (32, 128, 8, 
 # 82 µs at ViT-B batch 1, 288 vs 307 µs at batch 8, 441 vs 610 µs at ViT-H batch 8; that loop is gone).
 BACKWARD_MODE = "auto"
 _BACKWARD_MODES = ("auto", "cublas", "wgrad_kernel")
+# The weight-gradient kernel's two problems (dW_down and dW_up) as one grid with a runtime branch (1) or as two
+# launches, each compiled for its problem (2): an experiment for the next H100 run (adapter_kernel_notes.md,
+# next step 1: the one-grid pass takes 107 µs at ViT-B batch 8 against 78 for an older version); 1 is what
+# was measured.
+WGRAD_LAUNCHES = 1
 # The backward kernel's two sums over the columns (x W_downᵀ and g W_up) in one loop (needs C == C_out):
 # True, False, or None for ``_backward_plan``'s choice.
 MERGE_LOOPS: bool | None = None
@@ -113,8 +118,8 @@ def _untagged(config: triton.Config) -> triton.Config:
 _INTERPRET = interpret_mode()
 
 
-def _tuned(kernel, configs, interpreter_configs):
-    key = ["M_BUCKET", "C", "C_OUT", "H"]
+def _tuned(kernel, configs, interpreter_configs, extra_key=()):
+    key = ["M_BUCKET", "C", "C_OUT", "H", *extra_key]
     if _INTERPRET:
         return triton.autotune(configs=interpreter_configs, key=key)(kernel)
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
@@ -122,7 +127,7 @@ def _tuned(kernel, configs, interpreter_configs):
 
 _fwd = _tuned(adapter_fwd_kernel, _gpu_configs(_FWD_SHAPES), _INTERPRETER_CONFIG)
 _bwd = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_SHAPES), _INTERPRETER_CONFIG)
-_wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG)
+_wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG, ["PROBLEM"])
 
 
 _chosen: dict[tuple, triton.Config] = {}
@@ -260,29 +265,48 @@ def adapter_backward(x2: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tenso
 def _weight_gradient_pass(x2, grad2, h, dpre, w_down, scale):
     """``(dW_down, db_down, dW_up, db_up)`` from ``adapter_wgrad_kernel``: a grid of column slices (of ``x`` for
     dW_down, of ``g`` for dW_up) × row chunks, about ``WAVES`` programs per SM, each writing one row of fp32
-    partial sums; one ``sum(0)`` of those rows and one cast give all four (views of one buffer). ``grad2`` is
-    in ``x2``'s dtype (the compute dtype): one loop reads either through the same pointer type."""
+    partial sums; one ``sum(0)`` of those rows and one cast give all four (views of one buffer). With
+    ``WGRAD_LAUNCHES = 2`` each problem is its own launch, its own grid and its own buffer. ``grad2`` is in
+    ``x2``'s dtype (the compute dtype): one loop reads either through the same pointer type."""
     M, C = x2.shape
     H, C_out = w_down.shape[0], grad2.shape[1]
+    o_wu, o_bu, o_bd, total = wgrad_part_offsets(C, C_out, H)
+    if WGRAD_LAUNCHES == 1:
+        part, rows = _wgrad_launch(x2, grad2, h, dpre, scale, 0, (o_wu, o_bu, o_bd, total))
+        sums = part[:rows].sum(0).to(w_down.dtype)
+        return sums[:o_wu].view(H, C), sums[o_bd:total], sums[o_wu:o_bu].view(C_out, H), sums[o_bu:o_bd]
+    # one buffer per problem: dW_down then db_down; dW_up then db_up (offsets the kernel does not use: 0)
+    part, rows = _wgrad_launch(x2, grad2, h, dpre, scale, 1, (0, 0, H * C, H * C + H))
+    down = part[:rows].sum(0).to(w_down.dtype)
+    part, rows = _wgrad_launch(x2, grad2, h, dpre, scale, 2, (0, C_out * H, 0, C_out * H + C_out))
+    up = part[:rows].sum(0).to(w_down.dtype)
+    return down[:H * C].view(H, C), down[H * C:], up[:C_out * H].view(C_out, H), up[C_out * H:]
+
+
+def _wgrad_launch(x2, grad2, h, dpre, scale, problem: int, offsets: tuple[int, int, int, int]):
+    """One launch of ``adapter_wgrad_kernel`` for ``problem`` (0 both, 1 dW_down, 2 dW_up) into a new fp32
+    buffer of partial-sum rows ``offsets[3]`` wide; returns the buffer and how many of its rows were written."""
+    M, C = x2.shape
+    H, C_out = h.shape[1], grad2.shape[1]
     sms = _sm_count(x2.device)
 
-    def slices(meta) -> tuple[int, int]:
-        return _cdiv(C, meta["BLOCK_C"]), _cdiv(C_out, meta["BLOCK_C"])
+    def slices(meta) -> int:
+        down, up = _cdiv(C, meta["BLOCK_C"]), _cdiv(C_out, meta["BLOCK_C"])
+        return down + up if problem == 0 else down if problem == 1 else up
 
     def splits(meta) -> int:
-        return max(1, min(_cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // sum(slices(meta))))
+        return max(1, min(_cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // slices(meta)))
 
-    o_wu, o_bu, o_bd, total = wgrad_part_offsets(C, C_out, H)
+    o_wu, o_bu, o_bd, total = offsets
     part = torch.empty((max(splits(c.kwargs) for c in _wgrad.configs), total), device=x2.device,
                        dtype=torch.float32)
     ha, hb = hidden_split(H)
-    config = _launch(_wgrad, lambda meta: (sum(slices(meta)), splits(meta)), (_bucket(M), C, C_out, H), (
+    config = _launch(_wgrad, lambda meta: (slices(meta), splits(meta)), (_bucket(M), C, C_out, H), (
         x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M), o_wu, o_bu, o_bd,
         x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0), part.stride(0),
         float(scale),
-    ), dict(HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=_INTERPRET))
-    sums = part[:splits(config.kwargs)].sum(0).to(w_down.dtype)
-    return sums[:o_wu].view(H, C), sums[o_bd:total], sums[o_wu:o_bu].view(C_out, H), sums[o_bu:o_bd]
+    ), dict(HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=_INTERPRET, PROBLEM=problem))
+    return part, splits(config.kwargs)
 
 
 def column_sum(a: torch.Tensor) -> torch.Tensor:

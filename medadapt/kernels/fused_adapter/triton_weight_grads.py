@@ -51,7 +51,7 @@ def adapter_wgrad_kernel(
     stride_xm, stride_xc, stride_gm, stride_gn, stride_hm, stride_dpm, stride_part,
     scale,
     HA: tl.constexpr, HB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, WAVES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, WAVES: tl.constexpr, PROBLEM: tl.constexpr = 0,
 ):
     """Both weight gradients and both bias gradients as fp32 partial sums over chunks of rows.
 
@@ -64,13 +64,21 @@ def adapter_wgrad_kernel(
     but one), the right one (``x`` or ``g``) exactly once. Bias sums are products with a ones block, keeping
     the loop a chain of ``tl.dot``s (an in-loop ``tl.sum`` broke the pipelined loop on an H100); both sums are
     formed in every program (small products) and each problem stores its own. ``WAVES`` only sets the grid.
+
+    ``PROBLEM``: 0 for both problems in one grid (the runtime choice above); 1 (dW_down, db_down) or 2
+    (dW_up, db_up) for one problem per launch, chosen at compile time: no pointer selection, and only the
+    bias sum the problem stores is formed (``WGRAD_LAUNCHES = 2`` in ``triton_launch``).
     """
     j = tl.program_id(0)
     s = tl.program_id(1)
-    n_down = tl.cdiv(C, BLOCK_C)
-    up = j >= n_down
+    if PROBLEM == 0:
+        n_down = tl.cdiv(C, BLOCK_C)
+        up = j >= n_down
+        if up:
+            j = j - n_down
+    else:
+        up = PROBLEM == 2  # a compile-time constant: the branches below fold
     if up:
-        j = j - n_down
         left_ptr, stride_lm = h_ptr, stride_hm
         right_ptr, stride_rm, stride_rc = g_ptr, stride_gm, stride_gn
         width, mult = C_OUT, scale
@@ -107,13 +115,16 @@ def adapter_wgrad_kernel(
         left_a = tl.load(left_ptr + rows64[None, :] * stride_lm + hid_a[:, None],
                          mask=ha_ok[:, None] & row_ok[None, :], other=0.0)  # [hidden, rows]
         acc_a = _mm(left_a, right, acc_a, PRECISION, UPCAST)
-        sum_left_a = _mm(left_a, ones, sum_left_a, PRECISION, UPCAST)
-        sum_right = _mm(tl.trans(right), ones, sum_right, PRECISION, UPCAST)  # rows ≥ 64 for wgmma
+        if PROBLEM != 2:  # db_down
+            sum_left_a = _mm(left_a, ones, sum_left_a, PRECISION, UPCAST)
+        if PROBLEM != 1:  # db_up
+            sum_right = _mm(tl.trans(right), ones, sum_right, PRECISION, UPCAST)  # rows ≥ 64 for wgmma
         if HB > 0:
             left_b = tl.load(left_ptr + rows64[None, :] * stride_lm + hid_b[:, None],
                              mask=hb_ok[:, None] & row_ok[None, :], other=0.0)
             acc_b = _mm(left_b, right, acc_b, PRECISION, UPCAST)
-            sum_left_b = _mm(left_b, ones, sum_left_b, PRECISION, UPCAST)
+            if PROBLEM != 2:
+                sum_left_b = _mm(left_b, ones, sum_left_b, PRECISION, UPCAST)
     part = part_ptr + s.to(tl.int64) * stride_part
     tl.store(part + o_out + hid_a[:, None] * out_h + cols[None, :] * out_c, acc_a * mult,
              mask=ha_ok[:, None] & col_ok[None, :])
