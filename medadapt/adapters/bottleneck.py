@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..core.base import AdapterModule, AdapterWrapper
+from ..core.base import AdapterModule, AdapterWrapper, place_like
 from ..kernels import fused_adapter
 
 __all__ = ["BottleneckAdapter", "ParallelAdapterWrapper", "SequentialAdapterWrapper", "hidden_width"]
@@ -72,7 +72,7 @@ class BottleneckAdapter(AdapterModule):
         if residual is None and self.skip:
             residual = x
         if not self.adapters_enabled:
-            return torch.zeros_like(x) if residual is None else residual
+            return x.new_zeros(*x.shape[:-1], self.out_dim) if residual is None else residual
         return fused_adapter(x, self.down.weight.to(x.dtype), self.down.bias.to(x.dtype),
                              self.up.weight.to(x.dtype), self.up.bias.to(x.dtype), scale=self.scale,
                              residual=residual, activation=self.activation)
@@ -89,7 +89,7 @@ class SequentialAdapterWrapper(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module, dim: int, mlp_ratio: float = 0.25, activation: str = "gelu") -> None:
         super().__init__(base_layer)
-        self.adapter = BottleneckAdapter(dim, mlp_ratio, activation, skip=True)
+        self.adapter = place_like(BottleneckAdapter(dim, mlp_ratio, activation, skip=True), base_layer)
 
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)
@@ -102,7 +102,7 @@ class ParallelAdapterWrapper(AdapterWrapper):
     def __init__(self, base_layer: nn.Module, dim: int, mlp_ratio: float = 0.25, activation: str = "gelu",
                  scale: float = 0.5) -> None:
         super().__init__(base_layer)
-        self.adapter = BottleneckAdapter(dim, mlp_ratio, activation, scale=scale)
+        self.adapter = place_like(BottleneckAdapter(dim, mlp_ratio, activation, scale=scale), base_layer)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(z)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._optional import require
-from ..core.base import AdapterModule, AdapterWrapper
+from ..core.base import AdapterModule, AdapterWrapper, place_like
 from ..core.config import MedSAConfig
 from .bottleneck import BottleneckAdapter, hidden_width
 
@@ -134,9 +134,9 @@ class HyPDecoderBlock(AdapterWrapper):
             raise ValueError(f"num_output_tokens must be an integer >= 0, got {num_output_tokens!r}")
         dim = base_layer.norm1.normalized_shape[-1]
         self.num_output_tokens = num_output_tokens
-        self.hyper_adapter = HyperPromptAdapter(dim, dim, mlp_ratio, activation)
-        self.mlp_adapter = BottleneckAdapter(dim, mlp_ratio, activation, scale=mlp_scale)
-        self.image_adapter = BottleneckAdapter(dim, mlp_ratio, activation, skip=True)
+        self.hyper_adapter = place_like(HyperPromptAdapter(dim, dim, mlp_ratio, activation), base_layer)
+        self.mlp_adapter = place_like(BottleneckAdapter(dim, mlp_ratio, activation, scale=mlp_scale), base_layer)
+        self.image_adapter = place_like(BottleneckAdapter(dim, mlp_ratio, activation, skip=True), base_layer)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
                 key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,11 +200,8 @@ def apply_hyper_prompt(model: nn.Module, config: MedSAConfig) -> list[str]:
             raise ValueError(f"mask decoder {decoder_name or type(decoder).__name__!r} already has HyP adapters")
         blocks = [(n, m) for n, m in decoder.named_modules() if isinstance(m, TwoWayAttentionBlock)]
         for block_name, block in blocks:
-            reference = next(block.parameters())
             wrapper = HyPDecoderBlock(block, 1 + int(decoder.num_mask_tokens), config.mlp_ratio,
                                       config.activation, config.mlp_scale)
-            for child in (wrapper.hyper_adapter, wrapper.mlp_adapter, wrapper.image_adapter):
-                child.to(device=reference.device, dtype=reference.dtype)
             parent_name, _, attr = block_name.rpartition(".")
             setattr(decoder.get_submodule(parent_name) if parent_name else decoder, attr, wrapper)
             wrapped.append(".".join(p for p in (decoder_name, block_name) if p))

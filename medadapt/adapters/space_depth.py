@@ -23,7 +23,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..core.base import AdapterModule, AdapterWrapper
+from ..core.base import AdapterModule, AdapterWrapper, place_like
 from ..core.config import MedSAConfig
 from ..core.hosts import HostIntegration, host_blocks
 from ..core.targets import set_submodule
@@ -50,9 +50,11 @@ class SpaceDepthAttention(AdapterWrapper):
         super().__init__(base_layer)
         self.layout = host.token_layout
         self._attend = host.depth_attention
-        self.depth_adapter = BottleneckAdapter(dim, mlp_ratio, activation, skip=False)
+        self.depth_adapter = place_like(BottleneckAdapter(dim, mlp_ratio, activation, skip=False), base_layer)
         self.max_depth = int(max_depth)
-        self.depth_pos_embed = nn.Parameter(torch.zeros(max_depth, dim)) if max_depth > 0 else None
+        weight = self.depth_adapter.down.weight
+        self.depth_pos_embed = (nn.Parameter(torch.zeros(max_depth, dim, device=weight.device, dtype=weight.dtype))
+                                if max_depth > 0 else None)
         self._slices: tuple[int, int] | None = None  # (D, number of images B·D) during a volume call
 
     def depth_attention(self, seq: torch.Tensor) -> torch.Tensor:

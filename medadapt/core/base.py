@@ -12,11 +12,13 @@ what the host computed without them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
-__all__ = ["AdapterModule", "AdapterWrapper", "adapter_modules", "adapter_state_names"]
+__all__ = ["AdapterModule", "AdapterWrapper", "adapter_modules", "adapter_state_names", "place_like"]
 
 
 class AdapterModule(nn.Module):
@@ -49,6 +51,21 @@ class AdapterWrapper(AdapterModule):
     def unwrap(self) -> nn.Module:
         """The module to put back in the tree when the adapters are removed."""
         return self.base_layer
+
+
+def place_like(adapter: nn.Module, host: nn.Module) -> nn.Module:
+    """Move ``adapter`` onto the device of ``host``'s first parameter (or buffer), in place; returns it.
+
+    One policy for every method: adapter weights live where the host computes, in float32 — float64 on a
+    float64 host — whatever the host's own dtype. Trained weights stay fp32 under a bf16/fp16 host (the
+    adapters cast them to the activations' dtype on use), as PEFT libraries do by default. A host without
+    parameters or buffers leaves ``adapter`` where it is.
+    """
+    reference = next(itertools.chain(host.parameters(), host.buffers()), None)
+    if reference is None:
+        return adapter
+    dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+    return adapter.to(device=reference.device, dtype=dtype)
 
 
 def _visit(module: nn.Module, prefix: str, in_adapter: bool, frozen: bool, out: list[tuple[str, nn.Module, bool]],
