@@ -7,6 +7,8 @@ Every method (Med-SA, CILMP, ...) has a config dataclass deriving from :class:`A
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,7 +28,13 @@ _METHODS: dict[str, tuple[type[AdapterConfig], ApplyFn]] = {}
 
 
 def _check_targets(name: str, value: Any) -> None:
-    if value is None or isinstance(value, str):
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"{name} must be a valid regular expression, got {value!r} ({err})") from err
         return
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         if len(value) == 0:
@@ -68,7 +76,8 @@ class AdapterConfig:
         """Raise ValueError naming the first bad field."""
         _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
-        if not all(isinstance(m, str) and m for m in self.modules_to_save):
+        if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m
+                                                                  for m in self.modules_to_save):
             raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,13 +124,14 @@ class MedSAConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         ratio = _require_type(self, "mlp_ratio", (int, float))
-        if not ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {ratio}")
+        if not (ratio > 0 and math.isfinite(ratio)):
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {ratio}")
         if self.activation not in ("gelu", "gelu_tanh", "relu"):
             raise ValueError(f"activation must be 'gelu', 'gelu_tanh' or 'relu', got {self.activation!r}")
         for flag in ("space_adapter", "mlp_adapter", "space_depth", "hyper_prompt"):
             _require_type(self, flag, bool)
-        _require_type(self, "mlp_scale", (int, float))
+        if not math.isfinite(_require_type(self, "mlp_scale", (int, float))):
+            raise ValueError(f"mlp_scale must be a finite number, got {self.mlp_scale}")
         if _require_type(self, "depth_pos_embed", int) < 0:
             raise ValueError(f"depth_pos_embed must be >= 0, got {self.depth_pos_embed}")
         if not (self.space_adapter or self.mlp_adapter or self.space_depth or self.hyper_prompt):

@@ -1,18 +1,24 @@
-"""Adapter-only checkpoints: ``adapter_model.safetensors`` + ``adapter_config.json``, written atomically."""
+"""Adapter-only checkpoints: ``adapter_model.safetensors`` + ``adapter_config.json``, written atomically.
+
+The config records the SHA-256 of the weights file it was saved with, so a pair from two different saves
+(a crash between the two renames) is refused on load instead of loading silently.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .._atomic import atomic_write_bytes
 from .base import adapter_state_names
 from .config import config_from_dict
 from .inject import _unwrap_all, inject, injected_configs
@@ -30,24 +36,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the adapter weights and config to ``directory`` (created if needed); returns it.
 
-    Both files are written to a temporary name and renamed, so a crash never leaves half a file.
+    Both files are written to a temporary name, flushed and renamed, so a crash never leaves half a
+    file; the config (written second) holds the weights file's SHA-256, so a crash between the two renames
+    leaves a pair that :func:`load_adapter` refuses rather than new weights under an old config.
     """
     configs = injected_configs(model)
     if not configs:
@@ -55,13 +49,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone().cpu() for k, v in adapter_state_dict(model).items()}
+    weights = save_safetensors(state, metadata={"format": "pt"})
     meta = {
         "format_version": FORMAT_VERSION,
         "base_model_class": type(model).__name__,
         "configs": [c.to_dict() for c in configs],
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_bytes(out / WEIGHTS_NAME, weights)
+    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
     return out
 
 
@@ -72,13 +68,22 @@ def _read(directory: Path) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor
             raise FileNotFoundError(f"adapter file missing: {p}")
     try:
         meta = json.loads(cfg_path.read_text())
-        configs = meta["configs"]
-        assert isinstance(configs, list) and configs
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{cfg_path} is not a medadapt adapter config ({err})") from err
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if not isinstance(configs, list) or not configs:
+        raise ValueError(f"{cfg_path} is not a medadapt adapter config (no 'configs' list)")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{cfg_path} has format_version {version!r}; this medadapt reads up to {FORMAT_VERSION}")
+    weights = w_path.read_bytes()
+    expected = meta.get("weights_sha256")  # absent in files saved before it was recorded
+    if expected is not None and hashlib.sha256(weights).hexdigest() != expected:
+        raise ValueError(f"{w_path} is not the weights file {cfg_path} was saved with (SHA-256 differs): the two "
+                         "come from different saves, e.g. one interrupted between its two writes")
     try:
-        state = load_file(w_path)
-    except (SafetensorError, OSError, ValueError) as err:
+        state = load_safetensors(weights)
+    except (SafetensorError, ValueError) as err:
         raise ValueError(f"{w_path} is not a readable safetensors file ({err})") from err
     return configs, state
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._atomic import atomic_output
 from .._optional import require
 from .job import FinetuneResult
 from .objectives import dice_sums, to_device
@@ -192,5 +193,6 @@ def save_comparison_curves(path: str | os.PathLike, results: dict[str, FinetuneR
     ax_dice.set_title("held-out Dice")
     ax_dice.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(os.fspath(tmp), dpi=110)
     plt.close(fig)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .._atomic import atomic_write_text
 from ..core.config import MedSAConfig
 from ..core.inject import inject
 from ..data import TISSUE_CLASSES, add_volume_arguments, load_volume_pairs, volume_pairs_from_args
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace, ctx: DistContext | None = None, log: Callable[
         record.update(class_names=data.class_names, verdict=verdict, summary=summary, whole_region_reference=reference,
                       whole_region_agreement=agreement,
                       backbone="random" if args.checkpoint is None else os.path.basename(args.checkpoint))
-        (out / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(out / "comparison.json", json.dumps(record, indent=2) + "\n")
         say(summary)
     barrier()
     return Finetune3DResult(adapted, baseline, summary, verdict, models)

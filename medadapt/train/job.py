@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .._atomic import atomic_write_text
 from ..core.inject import injected_configs
 from ..core.io import save_adapter
 from ..core.params import trainable_parameters
@@ -247,7 +248,7 @@ def run_finetune(sam: nn.Module, train_set: Dataset, train_collate: Callable[[li
         metrics = {key: v for key, v in asdict(result).items() if key not in ("history", "out_dir")}
         metrics.update(class_names=list(class_names), world_size=ctx.world_size, backbone=backbone,
                        eval_steps=history.eval_steps, eval_dice=history.eval_dice, losses=history.losses)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         say(summary)
     barrier()
     return result

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from .._atomic import atomic_output
 from .._optional import require
 from .loop import History
 
@@ -78,7 +79,8 @@ def save_overlays(path: str | os.PathLike, images: torch.Tensor, targets: torch.
     fig.legend(handles, list(class_names), loc="lower center", ncol=min(k, 6), fontsize=8, frameon=False)
     fig.suptitle("held-out slices: prediction filled, ground truth outlined, prompt dashed/marked", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(os.fspath(path), dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(os.fspath(tmp), dpi=110)
     plt.close(fig)
 
 
@@ -109,5 +111,6 @@ def save_curves(path: str | os.PathLike, history: History, class_names: Sequence
     ax_dice.set_ylabel("Dice")
     ax_dice.set_title("held-out Dice")
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(os.fspath(tmp), dpi=110)
     plt.close(fig)

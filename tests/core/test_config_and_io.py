@@ -29,6 +29,8 @@ def trained(model, x, steps=2):
     ("mlp_ratio", 0), ("mlp_ratio", -0.5), ("mlp_ratio", "0.25"), ("activation", "swish"),
     ("space_adapter", 1), ("depth_pos_embed", -1), ("target_modules", 3), ("target_modules", []),
     ("exclude_modules", {"a": 1}), ("modules_to_save", [3]), ("mlp_scale", None),
+    ("modules_to_save", 5), ("modules_to_save", None), ("target_modules", "blocks.("), ("exclude_modules", "["),
+    ("mlp_ratio", float("inf")), ("mlp_ratio", float("nan")), ("mlp_scale", float("nan")),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -85,15 +87,67 @@ def _assert_unchanged(model, snap):
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
-def test_corrupt_file_raises_and_leaves_model(tmp_path):
+@pytest.mark.parametrize("recorded_hash", [True, False])
+def test_corrupt_file_raises_and_leaves_model(tmp_path, recorded_hash):
+    """A damaged weights file: refused by its SHA-256, or (a config saved without one) by safetensors."""
     x = torch.randn(1, 3, 64, 64)
     ma.save_adapter(trained(ma.inject(sam_model(), ma.MedSAConfig()), x), tmp_path)
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    if not recorded_hash:
+        meta = json.loads((tmp_path / "adapter_config.json").read_text())
+        del meta["weights_sha256"]
+        (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     for target in (sam_model(), ma.inject(sam_model(), ma.MedSAConfig())):
         snap = _snapshot(target)
-        with pytest.raises(ValueError, match="safetensors"):
+        with pytest.raises(ValueError, match="SHA-256" if recorded_hash else "safetensors"):
             ma.load_adapter(target, tmp_path)
         _assert_unchanged(target, snap)
+
+
+def test_save_interrupted_between_its_two_files_is_refused_on_load(tmp_path, monkeypatch):
+    """New weights under the previous save's config (a crash between the renames) would load silently with
+    the wrong scale; the config's SHA-256 of its weights file catches it."""
+    from medadapt.core import io
+
+    x = torch.randn(1, 3, 64, 64)
+    ma.save_adapter(trained(ma.inject(sam_model(), ma.MedSAConfig(mlp_scale=0.5)), x), tmp_path)
+    write = io.atomic_write_bytes
+
+    def crash_on_config(path, data):
+        if path.name == io.CONFIG_NAME:
+            raise KeyboardInterrupt  # the process dies after the weights were renamed into place
+        write(path, data)
+
+    monkeypatch.setattr(io, "atomic_write_bytes", crash_on_config)
+    with pytest.raises(KeyboardInterrupt):
+        ma.save_adapter(trained(ma.inject(sam_model(1), ma.MedSAConfig(mlp_scale=1.0)), x), tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    target = sam_model()
+    snap = _snapshot(target)
+    with pytest.raises(ValueError, match="different saves"):
+        ma.load_adapter(target, tmp_path)
+    _assert_unchanged(target, snap)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    ma.save_adapter(ma.inject(sam_model(), ma.MedSAConfig()), tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format_version"):
+        ma.load_adapter(sam_model(), tmp_path)
+
+
+def test_atomic_output_leaves_old_file_on_failure(tmp_path):
+    from medadapt._atomic import atomic_output, atomic_write_text
+
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_mismatched_adapter_raises_and_leaves_model(tmp_path):
