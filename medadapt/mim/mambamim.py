@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -34,6 +36,19 @@ def _first_conv_in_channels(encoder: nn.Module) -> int:
         if isinstance(module, nn.Conv3d):
             return module.in_channels
     raise ValueError("in_channels: the encoder has no Conv3d; set MambaMIMConfig(in_channels=...)")
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    """Put ``module`` in eval mode inside the context; every submodule's ``training`` flag is restored after,
+    even on an exception."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        yield module
+    finally:
+        for submodule, mode in modes.items():
+            submodule.training = mode
 
 
 class MambaMIM(nn.Module):
@@ -90,19 +105,16 @@ class MambaMIM(nn.Module):
         seen: dict[str, torch.Tensor] = {}
         handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o))
                    for n in spec.feature_modules]
-        modes = {m: m.training for m in self.encoder.modules()}
         param = next(self.encoder.parameters(), None)
         x = torch.zeros(1, self.in_channels, size, size, size,
                         device=param.device if param is not None else None,
                         dtype=param.dtype if param is not None else None)
         try:
-            self.encoder.eval()
-            self._encode(x, spec)
+            with _eval_mode(self.encoder):
+                self._encode(x, spec)
         finally:
             for handle in handles:
                 handle.remove()
-            for module, mode in modes.items():
-                module.training = mode
         channels, strides = [], []
         for name in spec.feature_modules:
             out = seen.get(name)
@@ -133,6 +145,9 @@ class MambaMIM(nn.Module):
         if visible.shape != (volume.shape[0], *grid) or visible.dtype != torch.bool:
             raise ValueError(f"visible must be bool {(volume.shape[0], *grid)}, got {visible.dtype} "
                              f"{tuple(visible.shape)}")
+        empty = (~visible.flatten(1).any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"visible: each sample needs at least one visible cell; samples {empty} have none")
         return visible.to(volume.device)
 
     def _reconstruct(self, volume: torch.Tensor, visible: torch.Tensor):
@@ -168,10 +183,14 @@ class MambaMIM(nn.Module):
     def reconstruct(self, volume: torch.Tensor, visible: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """For inspection: ``visible``, ``masked`` input, ``reconstruction`` in intensity units, ``merged``
-        (input where visible, reconstruction elsewhere) and ``loss``."""
+        (input where visible, reconstruction elsewhere) and ``loss``.
+
+        The encoder runs in eval mode (normalisations with running statistics use them and no buffer is
+        updated); every submodule's ``training`` flag is restored afterwards, even on an exception."""
         visible = self._check(volume, visible, generator)
         grid = visible.shape[1:]
-        predicted = patchify(self._reconstruct(volume, visible), self.patch_size)
+        with _eval_mode(self.encoder):
+            predicted = patchify(self._reconstruct(volume, visible), self.patch_size)
         target, mean, std = self._targets(volume)
         keep = upsample_mask(visible, volume.shape[2:])
         image = unpatchify(predicted * std + mean, self.patch_size, grid)

@@ -5,8 +5,9 @@ resolution. Normalisations are recomputed from the module's input with statistic
 only, using the module's own affine parameters, then masked:
 ``y = (x − μ_vis) / sqrt(σ²_vis + eps) · γ + β`` then ``y ⊙ m``, where ``μ_vis, σ²_vis`` are taken
 over the visible voxels of each normalisation group (per sample and group for GroupNorm, per sample and
-channel for InstanceNorm, per channel over the batch for BatchNorm). BatchNorm's running statistics
-are updated from the visible voxels (unbiased variance, as torch does).
+channel for InstanceNorm, per channel over the batch for BatchNorm). BatchNorm's and InstanceNorm's running
+statistics (``track_running_stats``) are updated from the visible voxels (unbiased variance, momentum and
+``num_batches_tracked`` as torch's own module does; see ``_update_running``).
 """
 
 from __future__ import annotations
@@ -85,12 +86,22 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, m: tor
 
 
 def _update_running(module: nn.Module, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-    """``running ← (1 − momentum) · running + momentum · batch`` (cumulative average if momentum is None)."""
+    """``running ← (1 − momentum) · running + momentum · batch``, following torch's module semantics.
+
+    BatchNorm: ``num_batches_tracked += 1`` and ``momentum=None`` means the cumulative average
+    ``momentum = 1 / num_batches_tracked``. InstanceNorm: ``num_batches_tracked`` is left unchanged and
+    ``momentum=None`` means ``momentum = 0`` (running statistics unchanged), as ``nn.InstanceNorm3d`` does.
+    """
     with torch.no_grad():
-        module.num_batches_tracked.add_(1)
         momentum = module.momentum
-        if momentum is None:
-            momentum = 1.0 / float(module.num_batches_tracked)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(module.num_batches_tracked)
+        elif momentum is None:
+            momentum = 0.0
+        if momentum == 0:
+            return
         module.running_mean.mul_(1 - momentum).add_(mean.detach().flatten(), alpha=momentum)
         module.running_var.mul_(1 - momentum).add_(unbiased_var.detach().flatten(), alpha=momentum)
 

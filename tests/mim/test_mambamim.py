@@ -130,6 +130,29 @@ def test_reconstruct_outputs_and_deterministic_masks():
     assert torch.equal(again["visible"], out["visible"])
 
 
+def test_reconstruct_leaves_batch_norm_buffers_and_training_flags_unchanged(monkeypatch):
+    mim = MambaMIM(_encoder(NORMS["batch"]), MambaMIMConfig(mask_ratio=0.5))
+    mim.train()
+    mim.encoder.get_submodule(mim.spec.feature_modules[0]).eval()  # a mixed state must come back as it was
+    modes = {name: m.training for name, m in mim.named_modules()}
+    buffers = {name: b.clone() for name, b in mim.named_buffers()}
+    assert any(isinstance(m, nn.BatchNorm3d) for m in mim.encoder.modules())
+    out = mim.reconstruct(torch.rand(2, 1, 32, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"])
+    for name, buffer in mim.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+    assert {name: m.training for name, m in mim.named_modules()} == modes
+
+    def fail(volume, visible):
+        assert not mim.encoder.training
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(mim, "_reconstruct", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        mim.reconstruct(torch.rand(1, 1, 32, 32, 32))
+    assert {name: m.training for name, m in mim.named_modules()} == modes
+
+
 def test_monai_segresnet_is_detected_and_masked():
     monai_nets = pytest.importorskip("monai.networks.nets")
     torch.manual_seed(0)
@@ -184,6 +207,14 @@ def test_bad_volume_and_mask_raise():
         mim(torch.rand(1, 1, 32, 32, 24))
     with pytest.raises(ValueError, match="visible"):
         mim(torch.rand(1, 1, 32, 32, 32), torch.ones(1, 2, 2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"visible: each sample needs at least one visible cell.*\[0\]"):
+        mim(torch.rand(1, 1, 32, 32, 32), torch.zeros(1, 2, 2, 2, dtype=torch.bool))  # was a Conv1d error
+    visible = torch.ones(2, 2, 2, 2, dtype=torch.bool)
+    visible[1] = False
+    with pytest.raises(ValueError, match=r"visible: each sample needs at least one visible cell.*\[1\]"):
+        mim(torch.rand(2, 1, 32, 32, 32), visible)
+    with pytest.raises(ValueError, match="at least one visible cell"):
+        mim.reconstruct(torch.rand(2, 1, 32, 32, 32), visible)
 
 
 def test_deepcopy_gets_its_own_hooks():

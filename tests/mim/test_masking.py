@@ -12,6 +12,8 @@ from medadapt.mim import (
     visible_count,
     visible_norm,
 )
+from medadapt.mim.hooks import MaskingHooks
+from medadapt.mim.targets import EncoderSpec
 from medadapt.models import LayerNorm3d
 
 
@@ -113,3 +115,24 @@ def test_batch_norm_running_stats_from_visible_voxels():
     torch.testing.assert_close(bn.running_mean, 0.5 * values.mean(1))
     torch.testing.assert_close(bn.running_var, 0.5 + 0.5 * values.var(1, unbiased=True))
     assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_hooked_running_stats_match_torch_with_everything_visible(norm, momentum):
+    """InstanceNorm: momentum=None is 0 (stats unchanged), num_batches_tracked stays 0; BatchNorm: cumulative."""
+    make = {"instance": lambda: nn.InstanceNorm3d(3, momentum=momentum, track_running_stats=True, affine=True),
+            "batch": lambda: nn.BatchNorm3d(3, momentum=momentum)}[norm]
+    reference, hooked = make().double(), nn.Sequential(make()).double()
+    hooks = MaskingHooks(hooked, EncoderSpec(feature_modules=("0",)))
+    torch.manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(2, 3, 4, 4, 4, dtype=torch.float64) * 2 + 1
+        expected = reference(x)
+        with hooks.masking(torch.ones(2, 2, 2, 2, dtype=torch.bool)):
+            out = hooked(x)
+        torch.testing.assert_close(out, expected)
+    module = hooked[0]
+    torch.testing.assert_close(module.running_mean, reference.running_mean)
+    torch.testing.assert_close(module.running_var, reference.running_var)
+    assert int(module.num_batches_tracked) == int(reference.num_batches_tracked)

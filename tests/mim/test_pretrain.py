@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from medadapt.mim.pretrain import build_encoder, main
+from medadapt.mim.pretrain import _warmup_steps, build_encoder, build_parser, main
 
 pytest.importorskip("tqdm")
 
@@ -88,3 +88,13 @@ def test_folder_volumes_window_and_padded_crops(tmp_path):
     for folder in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(ValueError, match="data"):
             load_folder_volumes(folder)
+
+
+@pytest.mark.parametrize("argv, steps", [(["--preset", "paper"], 40), (["--preset", "small"], 10), ([], 10),
+                                         (["--preset", "paper", "--warmup", "0.1"], 10),
+                                         (["--preset", "paper", "--warmup", "0"], 0),
+                                         (["--preset", "small", "--warmup", "0.4"], 40)])
+def test_warmup_follows_the_preset_unless_given(argv, steps):
+    """The paper's recipe: 40 warm-up epochs of 100; an explicit --warmup wins (0 included)."""
+    args = build_parser().parse_args(argv + ["--steps", "100"])
+    assert _warmup_steps(args) == steps
