@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from .._atomic import atomic_output, atomic_write_text
 from .._optional import require
 from ._data import CropSampler, load_folder_volumes, load_tissue_volume
 from .config import MambaMIMConfig
@@ -132,9 +132,8 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -224,8 +223,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         summary["png"] = save_reconstruction_png(out / "reconstruction.png", shown, images,
                                                  f"step {stop}, masked-patch loss {float(shown['loss']):.3f}")
     safetensors = require("safetensors.torch", "saving the encoder")
-    safetensors.save_file({k: v.contiguous() for k, v in encoder.state_dict().items()},
-                          str(out / "encoder.safetensors"))
+    with atomic_output(out / "encoder.safetensors") as tmp:
+        safetensors.save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp))
     if args.finetune:
         image, label, class_names = load_tissue_volume()
         pretrained = {k: v.detach().clone().cpu() for k, v in encoder.state_dict().items()}
@@ -239,6 +238,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
             {"random": lambda: build_encoder(settings, args.seed), "pretrained": from_pretrained},
             image, label, class_names, args.finetune_steps, crop, args.batch_size, args.finetune_lr,
             seed=args.seed, progress=tqdm, device=device)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "finetune_dice"}, indent=2))
     return summary

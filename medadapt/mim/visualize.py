@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .._atomic import atomic_output
 from .._optional import require
 
 __all__ = ["save_reconstruction_png"]
@@ -34,6 +35,7 @@ def save_reconstruction_png(path: str | os.PathLike, outputs: dict[str, torch.Te
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return os.fspath(path)
