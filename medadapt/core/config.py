@@ -134,6 +134,9 @@ class MedSAConfig(AdapterConfig):
             raise ValueError(f"mlp_scale must be a finite number, got {self.mlp_scale}")
         if _require_type(self, "depth_pos_embed", int) < 0:
             raise ValueError(f"depth_pos_embed must be >= 0, got {self.depth_pos_embed}")
+        if self.depth_pos_embed and not self.space_depth:
+            raise ValueError(f"depth_pos_embed={self.depth_pos_embed} belongs to the SD-Trans depth branch: "
+                             "set space_depth=True (or depth_pos_embed=0)")
         if not (self.space_adapter or self.mlp_adapter or self.space_depth or self.hyper_prompt):
             raise ValueError("MedSAConfig enables no adapter: set space_adapter, mlp_adapter, "
                              "space_depth or hyper_prompt")

@@ -65,7 +65,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         apply(model, config)
         if config.modules_to_save:
             wrap_modules_to_save(model, config.modules_to_save)
-    except Exception:
+    except BaseException:  # an interrupt too
         _unwrap_all(model, keep=existing)  # only what this call added
         raise
     record.configs.append(config)

@@ -126,7 +126,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             for cfg in configs:
                 inject(model, cfg)
             _check_state(model, state, directory)
-        except Exception:
+        except BaseException:  # an interrupt too: the model is left as it was
             _unwrap_all(model)
             if hasattr(model, "_medadapt_record"):
                 object.__delattr__(model, "_medadapt_record")

@@ -33,12 +33,13 @@ def per_slice(vol):
     return vol.transpose(1, 2).reshape(b * d, c, h, w)
 
 
-def test_volume_in_per_slice_out_and_identity_at_init():
+@pytest.mark.parametrize("depth_pos_embed", [0, 8])  # the depth position embedding starts at zero too
+def test_volume_in_per_slice_out_and_identity_at_init(depth_pos_embed):
     torch.manual_seed(0)
     base = tiny_sam_encoder().eval()
     vol = torch.randn(2, 3, 5, 64, 64)
     ref = base(per_slice(vol))
-    model = sam_3d()
+    model = sam_3d(depth_pos_embed)
     out = model.image_encoder(vol)
     assert out.shape == (2, 5, 32, 8, 8)
     assert torch.equal(out.reshape(10, 32, 8, 8), ref)

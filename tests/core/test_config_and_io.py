@@ -31,6 +31,7 @@ def trained(model, x, steps=2):
     ("exclude_modules", {"a": 1}), ("modules_to_save", [3]), ("mlp_scale", None),
     ("modules_to_save", 5), ("modules_to_save", None), ("target_modules", "blocks.("), ("exclude_modules", "["),
     ("mlp_ratio", float("inf")), ("mlp_ratio", float("nan")), ("mlp_scale", float("nan")),
+    ("depth_pos_embed", 4),  # without space_depth it would do nothing
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
