@@ -4,7 +4,7 @@ from .base import AdapterModule, AdapterWrapper, adapter_modules, adapter_state_
 from .config import AdapterConfig, MedSAConfig, config_from_dict, get_method, register_method
 from .hosts import HostIntegration, find_host, host_blocks, register_host
 from .inject import disable_adapters, inject, injected_configs, remove_adapters
-from .io import adapter_state_dict, load_adapter, save_adapter
+from .io import adapter_state_dict, load_adapter, loading_adapter, save_adapter
 from .modules_to_save import ModulesToSaveWrapper
 from .params import print_trainable_parameters, trainable_parameters
 
@@ -26,6 +26,7 @@ __all__ = [
     "inject",
     "injected_configs",
     "load_adapter",
+    "loading_adapter",
     "print_trainable_parameters",
     "register_host",
     "register_method",

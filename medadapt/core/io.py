@@ -6,6 +6,7 @@ The config records the SHA-256 of the weights file it was saved with, so a pair 
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
@@ -23,11 +24,22 @@ from .base import adapter_state_names
 from .config import config_from_dict
 from .inject import _unwrap_all, inject, injected_configs
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "load_adapter", "save_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "load_adapter", "loading_adapter", "save_adapter"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
+
+_LOADING = contextvars.ContextVar("medadapt_loading_adapter", default=False)
+
+
+def loading_adapter() -> bool:
+    """True while :func:`load_adapter` injects saved configs into a plain model.
+
+    The saved file then overwrites every adapter parameter and persistent buffer, so an apply function
+    may skip reading external data that only fills them (e.g. CILMP's ``representation_path``).
+    """
+    return _LOADING.get()
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -123,8 +135,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if injected_here:
         before = {n: p.requires_grad for n, p in model.named_parameters()}
         try:
-            for cfg in configs:
-                inject(model, cfg)
+            token = _LOADING.set(True)
+            try:
+                for cfg in configs:
+                    inject(model, cfg)
+            finally:
+                _LOADING.reset(token)
             _check_state(model, state, directory)
         except BaseException:  # an interrupt too: the model is left as it was
             _unwrap_all(model)

@@ -10,8 +10,9 @@ Hosts, found by duck typing (no host library is imported):
   :class:`DeepVisualPrompts`.
 
 The class representations go into the adapter's persistent ``class_representations`` buffer, read
-from ``config.representation_path`` when that file exists (a fresh ``load_adapter`` fills it from the
-saved weights instead).
+from ``config.representation_path`` when that file exists. ``load_adapter`` builds the modules from the
+saved config alone (shapes from ``representation_lengths`` / ``representation_dim``) and fills the buffer
+from the saved weights: it never reads the file, which may have changed or be gone.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..core.base import AdapterModule
+from ..core.io import loading_adapter
 from ..core.targets import select_targets, set_submodule
 from .clip_learner import CLIPPromptLearner, DeepVisualPrompts
 from .config import CILMPConfig
@@ -51,13 +54,16 @@ def representation_tensor(config: CILMPConfig) -> torch.Tensor | None:
     """The zero-padded ``(n_cls, L_max, D)`` tensor from ``config.representation_path``, or None if absent.
 
     Raises:
-        ValueError: the file lacks a class, or a class's shape differs from
-            ``(representation_lengths[c], representation_dim)``.
+        ValueError: the file is not a readable safetensors file, lacks a class, or a class's shape differs
+            from ``(representation_lengths[c], representation_dim)``.
     """
     path = config.representation_path
     if path is None or not os.path.isfile(path):
         return None
-    reps = load_representations(path)
+    try:
+        reps = load_representations(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"representation_path {path!r} is not a readable representations file ({err})") from err
     lengths = [config.representation_lengths[c] for c in config.class_names]
     out = torch.zeros(len(lengths), max(lengths), config.representation_dim)
     for i, name in enumerate(config.class_names):
@@ -74,6 +80,11 @@ def representation_tensor(config: CILMPConfig) -> torch.Tensor | None:
     return out
 
 
+def _representations(config: CILMPConfig) -> torch.Tensor | None:
+    """:func:`representation_tensor`, except under ``load_adapter`` (the saved buffer is loaded instead)."""
+    return None if loading_adapter() else representation_tensor(config)
+
+
 def _fill(buffer: torch.Tensor, reps: torch.Tensor | None) -> None:
     if reps is not None:
         with torch.no_grad():
@@ -82,7 +93,7 @@ def _fill(buffer: torch.Tensor, reps: torch.Tensor | None) -> None:
 
 def _apply_sam(model: nn.Module, config: CILMPConfig, decoders: dict[str, nn.Module]) -> list[str]:
     chosen = select_targets(decoders, config.target_modules, config.exclude_modules, "SAM mask decoder")
-    reps = representation_tensor(config)
+    reps = _representations(config)
     lengths = [config.representation_lengths[c] for c in config.class_names]
     for name in chosen:
         decoder = decoders[name]
@@ -99,7 +110,7 @@ def _apply_sam(model: nn.Module, config: CILMPConfig, decoders: dict[str, nn.Mod
 
 def _apply_clip(model: nn.Module, config: CILMPConfig, clips: dict[str, nn.Module]) -> list[str]:
     chosen = select_targets(clips or {}, config.target_modules, config.exclude_modules, "open_clip CLIP model")
-    reps = representation_tensor(config) if config.uses_language_model else None
+    reps = _representations(config) if config.uses_language_model else None
     names = []
     for name in chosen:
         clip = clips[name]

@@ -9,7 +9,8 @@ At layer 0 the ``X`` embeddings are replaced by the learned context ``ctx_0`` (C
 (intervened LLM representations, conditioned on the image feature ``f_b``). With deep prompts the same
 slots are overwritten again before text layers ``1 … depth−1`` by ``ctx_i`` and ``T^i``, and the image
 encoder gets ``n_ctx_vision`` learned tokens appended, replaced before each of its layers ``1 … depth−1``
-and dropped before pooling. Text features are pooled at EOT; logits are
+and dropped before pooling. Text features are pooled at EOT, so the host's text tower must use open_clip's
+CLIP BPE vocabulary and EOT pooling (``text_pool_type`` ``"argmax"``, or ``"eos"`` with the EOT id); logits are
 ``logit_scale · cos(f_b, t_{b,c})`` with ``f_b`` the L2-normalised (prompted) image feature.
 """
 
@@ -75,6 +76,12 @@ class DeepVisualPrompts(AdapterWrapper):
         _check_transformer(base_layer, "visual.transformer")
         self.prompts = nn.Parameter(torch.randn(depth, n_tokens, width) * 0.02)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # host code reads transformer attributes (e.g. grad_checkpointing, width)
+            return getattr(self._modules["base_layer"], name)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.adapters_enabled:
             return self.base_layer(x, attn_mask=attn_mask)
@@ -107,8 +114,16 @@ class CLIPPromptLearner(AdapterModule):
         self.variant, self.n_cls = config.variant, len(config.class_names)
         self.class_names = list(config.class_names)
         width = host.token_embedding.embedding_dim
-        if host.token_embedding.num_embeddings < _tokenizer().vocab_size:
-            raise ValueError("the CLIP text tower must use open_clip's BPE vocabulary (49408 tokens)")
+        tok = _tokenizer()
+        if host.token_embedding.num_embeddings != tok.vocab_size:
+            raise ValueError(f"the CLIP text tower must use open_clip's CLIP BPE vocabulary: "
+                             f"token_embedding.num_embeddings is {host.token_embedding.num_embeddings}, "
+                             f"expected {tok.vocab_size}")
+        pool = getattr(host, "text_pool_type", "argmax")
+        eos = getattr(host, "text_eos_id", None)
+        if not (pool == "argmax" or (pool == "eos" and eos == tok.eot_token_id)):
+            raise ValueError(f"the CLIP text tower must pool at the EOT token: text_pool_type must be 'argmax' (or "
+                             f"'eos' with text_eos_id {tok.eot_token_id}), got {pool!r} (text_eos_id {eos!r})")
         embed_dim = int(host.visual.output_dim)
         layers = len(host.transformer.resblocks)
         depth = config.prompt_depth or (layers if config.variant == "cilmp" else 1)

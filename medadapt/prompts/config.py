@@ -33,8 +33,9 @@ class CILMPConfig(AdapterConfig):
     The class representations ``H_c`` are stored in the adapter as a persistent buffer
     ``class_representations`` of shape ``(n_cls, max(L_c), representation_dim)`` (zero-padded), so a
     saved adapter is self-contained (a few MB). ``inject`` fills it from ``representation_path``;
-    ``load_adapter`` re-injects from this config (the file may be gone) and loads it from the
-    safetensors. Build a config from encoded descriptions with :meth:`from_representations`.
+    ``load_adapter`` re-injects from this config without reading the file (it may have changed or be
+    gone) and loads the buffer from the saved safetensors. Build a config from encoded descriptions with
+    :meth:`from_representations`.
 
     Attributes:
         class_names: the classes, in logit / mask-channel order.
@@ -147,13 +148,14 @@ class CILMPConfig(AdapterConfig):
                              **kwargs: Any) -> CILMPConfig:
         """Write ``{class: (L_c, D)}`` to ``path`` and return a config describing it.
 
-        ``class_names`` defaults to the dict's order; other fields come from ``kwargs``.
+        ``class_names`` defaults to the dict's order; other fields come from ``kwargs``. The config
+        records ``path`` as an absolute path (injecting from another working directory finds it).
         """
         save_representations(representations, path)
         names = kwargs.pop("class_names", list(representations))
         missing = [n for n in names if n not in representations]
         if missing:
             raise ValueError(f"representations has no tensor for classes {missing}")
-        return cls(class_names=list(names), representation_path=os.fspath(path),
+        return cls(class_names=list(names), representation_path=os.path.abspath(path),
                    representation_lengths={n: int(representations[n].shape[0]) for n in names},
                    representation_dim=int(next(iter(representations.values())).shape[1]), **kwargs)

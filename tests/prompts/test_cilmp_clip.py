@@ -125,3 +125,61 @@ def test_prompt_depth_beyond_layers_raises(reps_file, make_clip):
         ma.inject(clip, _cilmp_config(reps_file, prompt_depth=3))
     assert not hasattr(clip, "prompt_learner")  # inject undid the partial injection
     ma.inject(clip, _cilmp_config(reps_file, prompt_depth=3, n_ctx_vision=0))  # text-only deep prompts
+
+
+def _clip_with_text(**text_cfg):
+    from open_clip.model import CLIP
+
+    text = dict(layers=2, width=32, heads=2, context_length=77, vocab_size=49408)
+    text.update(text_cfg)
+    return CLIP(embed_dim=24, vision_cfg=dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
+                text_cfg=text).eval()
+
+
+def test_text_towers_the_learner_cannot_pool_or_tokenise_are_rejected(make_clip):
+    with pytest.raises(ValueError, match="token_embedding.num_embeddings is 50000"):
+        ma.inject(_clip_with_text(vocab_size=50000), CILMPConfig(class_names=CLASSES, variant="coop"))
+    for pool in ("last", "first", "none"):
+        clip = _clip_with_text(pool_type=pool)
+        with pytest.raises(ValueError, match=f"text_pool_type.*'{pool}'"):
+            ma.inject(clip, CILMPConfig(class_names=CLASSES, variant="coop"))
+        assert not hasattr(clip, "prompt_learner")
+    with pytest.raises(ValueError, match="text_pool_type.*'eos'"):  # eos pooling at another token than EOT
+        ma.inject(_clip_with_text(pool_type="eos", eos_id=2), CILMPConfig(class_names=CLASSES, variant="coop"))
+    # eos pooling at CLIP's EOT is the same position: accepted, and the learner matches encode_text
+    torch.manual_seed(4)
+    clip = _clip_with_text(pool_type="eos", eos_id=49407)
+    ma.inject(clip, CILMPConfig(class_names=CLASSES, variant="coop"))
+    learner = clip.prompt_learner
+    with torch.no_grad():
+        learner.ctx[0] = clip.token_embedding.weight[_tok().encode("X")[0]]
+        torch.testing.assert_close(learner.text_features()[0], clip.encode_text(learner.token_ids))
+
+
+def test_deep_visual_prompts_read_the_wrapped_transformer_attributes(reps_file, make_clip):
+    clip = make_clip()
+    ma.inject(clip, _cilmp_config(reps_file))
+    wrapper = clip.visual.transformer
+    assert isinstance(wrapper, ma.core.AdapterWrapper)
+    assert wrapper.grad_checkpointing is False and wrapper.width == 32 and wrapper.layers == 3
+    assert wrapper.get_cast_dtype() == wrapper.base_layer.get_cast_dtype()
+    assert wrapper.prompts.shape == (3, 4, 32)  # its own attributes still come first
+    with pytest.raises(AttributeError):
+        getattr(wrapper, "no_such_attribute")  # noqa: B009
+
+
+def test_image_condition_is_l2_normalised(reps_file, make_clip):
+    """f = normalize(encode_image): scaling the image features leaves class tokens and logits unchanged."""
+    torch.manual_seed(5)
+    clip = make_clip()
+    ma.inject(clip, _cilmp_config(reps_file, prompt_depth=2))
+    learner = clip.prompt_learner.eval()
+    tokens = []
+    learner.class_tokens[0].register_forward_hook(lambda m, a, out: tokens.append(out))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = learner(x)
+        clip.visual.proj.mul_(5.0)  # encode_image scales by 5
+        scaled = learner(x)
+    torch.testing.assert_close(tokens[1], tokens[0])
+    torch.testing.assert_close(scaled, logits)

@@ -1,6 +1,7 @@
 """CILMPConfig validation, JSON round trip, and inject → save → load on CLIP."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -78,3 +79,12 @@ def test_clip_inject_save_load_round_trip(tmp_path, reps_file, rep_lengths, make
         torch.testing.assert_close(other.prompt_learner(x), expected, rtol=0, atol=0)
     ma.remove_adapters(other)
     assert not hasattr(other, "prompt_learner") and not isinstance(other.visual.transformer, ma.core.AdapterModule)
+
+
+def test_from_representations_records_an_absolute_path(tmp_path, class_reps, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = CILMPConfig.from_representations(class_reps, "r.safetensors")
+    assert os.path.isabs(cfg.representation_path)
+    assert os.path.samefile(cfg.representation_path, tmp_path / "r.safetensors")
+    monkeypatch.chdir("/")
+    assert torch.equal(load_representations(cfg.representation_path)["covid_19"], class_reps["covid_19"])

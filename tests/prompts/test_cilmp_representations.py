@@ -1,5 +1,7 @@
 """encode_descriptions with the bundled MiniLM: token states, the cache hit and its invalidation."""
 
+import time
+
 import pytest
 import torch
 
@@ -56,3 +58,38 @@ def test_bad_inputs_raise_value_error(tmp_path):
         encode_descriptions(None, {"gm": "grey matter"}, max_tokens=0, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="model_or_path"):
         encode_descriptions(tmp_path, {"gm": "grey matter"}, cache_dir=tmp_path)
+
+
+def _tiny_bert(seed):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def test_cache_key_covers_the_weights_and_the_tokenizer(tmp_path):
+    """Same-config models with other weights (object or folder) and another tokenizer are other cache entries."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(representations.default_language_model_path(), local_files_only=True)
+    text = {"csf": DESCRIPTIONS["csf"]}
+    first = encode_descriptions(_tiny_bert(0), text, tokenizer=tokenizer, cache_dir=tmp_path / "a")["csf"]
+    second = encode_descriptions(_tiny_bert(1), text, tokenizer=tokenizer, cache_dir=tmp_path / "a")["csf"]
+    assert first.shape == second.shape and not torch.allclose(first, second)
+    again = encode_descriptions(_tiny_bert(0), text, tokenizer=tokenizer, cache_dir=tmp_path / "a")["csf"]
+    assert torch.equal(again, first) and len(list((tmp_path / "a").glob("*.safetensors"))) == 2
+    tokenizer.add_tokens(["ventriculomegaly"])  # another vocabulary size: another entry
+    encode_descriptions(_tiny_bert(0), text, tokenizer=tokenizer, cache_dir=tmp_path / "a")
+    assert len(list((tmp_path / "a").glob("*.safetensors"))) == 3
+
+    folder = tmp_path / "model"
+    _tiny_bert(0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    from_folder = encode_descriptions(folder, text, cache_dir=tmp_path / "b")["csf"]
+    time.sleep(0.05)  # a later modification time even on a coarse-clock file system
+    _tiny_bert(1).save_pretrained(folder)  # same config.json, same file sizes, other weights
+    refreshed = encode_descriptions(folder, text, cache_dir=tmp_path / "b")["csf"]
+    torch.testing.assert_close(from_folder, first)
+    torch.testing.assert_close(refreshed, second)

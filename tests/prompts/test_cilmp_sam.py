@@ -124,3 +124,44 @@ def test_prompt_head_gives_one_token_per_class_at_sam_width():
         head.class_representations.normal_()
         tokens = head(torch.randn(2, 256, 4, 4))
     assert tokens.shape == (2, 3, 256) and torch.isfinite(tokens).all()
+
+
+def test_load_adapter_does_not_read_a_changed_representation_file(tmp_path, reps_file, class_reps):
+    from medadapt.prompts import save_representations
+
+    sam = _sam()
+    ma.inject(sam, _config(reps_file))
+    with torch.no_grad():
+        expected = class_mask_logits(sam, _images(2))
+    ma.save_adapter(sam, tmp_path / "run")
+    longer = {k: torch.randn(v.shape[0] + 3, 20) for k, v in class_reps.items()}  # other token counts
+    save_representations(longer, reps_file)
+    other = ma.load_adapter(_sam(), tmp_path / "run")
+    reps_file.write_bytes(b"not a safetensors file")
+    third = ma.load_adapter(_sam(), tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(class_mask_logits(other, _images(2)), expected, rtol=0, atol=0)
+        torch.testing.assert_close(class_mask_logits(third, _images(2)), expected, rtol=0, atol=0)
+
+
+def test_corrupt_representation_file_raises_value_error_naming_it(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(bytes(range(256)) * 4)
+    sam = _sam()
+    with pytest.raises(ValueError, match=r"representation_path .*garbage\.safetensors"):
+        ma.inject(sam, _config(path))
+    assert not any(isinstance(m, ma.core.AdapterModule) for m in sam.modules())
+
+
+def test_prompt_head_condition_is_l2_normalised():
+    """f = normalize(mean E): scaling the image embedding leaves the class prompt tokens unchanged."""
+    from medadapt.prompts import CILMPPromptHead
+
+    torch.manual_seed(0)
+    head = CILMPPromptHead([9, 12, 8], dim=20, prompt_dim=32).eval()
+    emb = torch.randn(2, 32, 4, 4) + 0.5
+    with torch.no_grad():
+        head.class_representations.normal_()
+        tokens = head(emb)
+        torch.testing.assert_close(head(7.0 * emb), tokens)
+        torch.testing.assert_close(head(0.1 * emb), tokens)
