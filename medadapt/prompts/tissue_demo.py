@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._atomic import atomic_write_text
 from .._optional import require
 from ..core import inject
 from .config import CILMPConfig
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     winner = max(results, key=lambda k: results[k]["mean"])
     gap = abs(results["language_model"]["mean"] - results["random_vectors"]["mean"])
     print(f"winner on mean Dice: {winner} (by {gap:.4f}); total {time.perf_counter() - start:.0f} s")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
