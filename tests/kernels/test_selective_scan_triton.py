@@ -13,6 +13,7 @@ import functools
 import pytest
 import scan_helpers
 import torch
+import torch.nn.functional as F
 from scan_helpers import F64, NAMES, run_with_grads
 
 from medadapt.kernels import selective_scan, selective_scan_reference
@@ -102,3 +103,58 @@ def test_triton_gradient_through_last_state_only():
         results.append(torch.autograd.grad(last.pow(2).sum(), [leaves[k] for k in names]))
     for name, want, got in zip(names, *results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+# ----------------------------------------------------------------------------- METHODS.md §4 facts on Triton
+
+
+@pytest.mark.parametrize("b_layout,c_layout", [("var", "var"), ("fixed", 2)])
+def test_triton_zero_step_gives_skip_only_and_the_state_never_moves(b_layout, c_layout):
+    """δ = 0 (no bias, no softplus): y = D·u exactly, and the last state is the initial state (zeros
+    without one), whatever A, B, C hold."""
+    x = make_inputs(b_layout, c_layout, dim=6, length=21)
+    zero = torch.zeros_like(x["delta"])
+    out, last = selective_scan_triton(x["u"], zero, x["A"], x["B"], x["C"], x["D"], None, None, False, True,
+                                      block_t=16)
+    torch.testing.assert_close(out, x["D"][:, None] * x["u"], rtol=0, atol=0)
+    assert not last.any()
+    out, last = selective_scan_triton(x["u"], zero, x["A"], x["B"], x["C"], x["D"], x["z"], None, False, True,
+                                      initial_state=x["initial_state"], block_t=16)
+    torch.testing.assert_close(last, x["initial_state"], rtol=0, atol=0)
+    held = (x["initial_state"][..., None] * _per_channel(x["C"], 6)).sum(2)  # <x_0, C_t>: (B, D, L)
+    torch.testing.assert_close(out, (held + x["D"][:, None] * x["u"]) * F.silu(x["z"]), rtol=1e-12, atol=1e-12)
+
+
+def _per_channel(m, dim):
+    """B or C as ``(B, D, N, L)`` for a ``(B, G, N, L)`` grouped layout (channel d uses group d // (D/G)),
+    or ``(1, D, N, 1)`` for a fixed ``(D, N)``."""
+    if m.dim() == 2:
+        return m[None, :, :, None]
+    if m.dim() == 3:
+        m = m[:, None]
+    return m.repeat_interleave(dim // m.shape[1], dim=1)
+
+
+@pytest.mark.parametrize("b_layout,c_layout", [("var", 2), (3, "fixed"), (2, 3)])
+def test_triton_length_one_closed_form(b_layout, c_layout):
+    """L = 1: out = (δ u Σ_n B_n C_n + D u) ⊙ silu(z), δ = softplus(delta + delta_bias)."""
+    x = make_inputs(b_layout, c_layout, dim=6, length=1)
+    out = selective_scan_triton(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                                True)
+    delta = F.softplus(x["delta"] + x["delta_bias"][:, None])[..., 0]
+    b, c = _per_channel(x["B"], 6)[..., 0], _per_channel(x["C"], 6)[..., 0]  # (B or 1, D, N)
+    u = x["u"][..., 0]
+    expected = (delta * u * (b * c).sum(-1) + x["D"] * u) * F.silu(x["z"][..., 0])
+    torch.testing.assert_close(out[..., 0], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("b_layout,c_layout,block_d", [
+    (2, 2, None), (3, 3, None), (2, 3, None), (3, "var", None), ("fixed", 2, None),
+    (3, 3, 2), (2, 2, 1),  # blocks inside one group: the B/C gradients summed before the atomic add
+    (2, 2, 2), (3, 3, 4),  # blocks straddling groups
+])
+def test_triton_grouped_bc_several_channels_per_group_float64(b_layout, c_layout, block_d):
+    """D = 6 channels in G = 2 or 3 groups (3 or 2 channels per group): output, last state and all
+    gradients (the grouped B/C gradients sum over their group's channels) equal the reference."""
+    x = make_inputs(b_layout, c_layout, dim=6, length=21, n=3)
+    assert_matches_reference(x, rtol=1e-10, atol=1e-10, block_d=block_d)

@@ -229,3 +229,115 @@ def test_deepcopy_gets_its_own_hooks():
         clone.detach()
         assert not any(m._forward_hooks for m in clone.encoder.modules())
         assert torch.isfinite(mim(volume, visible))  # the original keeps its hooks
+
+
+def _norm_pix_reference(reconstruction, volume, visible, p):
+    """METHODS.md §3 written out: per-patch targets ``(x − mean) / sqrt(var_unbiased + 1e-6)`` of each p³
+    patch (raster order), MSE per patch, averaged over the masked patches of all samples."""
+    batch = volume.shape[0]
+    grid = [s // p for s in volume.shape[2:]]
+
+    def patches(x):  # (B, L, p³·C), with C innermost as patchify does (C = 1 here)
+        out = x.unfold(2, p, p).unfold(3, p, p).unfold(4, p, p)  # (B, C, gd, gh, gw, p, p, p)
+        return out.permute(0, 2, 3, 4, 5, 6, 7, 1).reshape(batch, grid[0] * grid[1] * grid[2], -1)
+
+    target = patches(volume)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = (patches(reconstruction) - target).square().mean(-1)
+    return per_patch[~visible.flatten(1)].mean()
+
+
+def test_forward_loss_is_norm_pix_mse_over_masked_patches_only(monkeypatch):
+    """MambaMIM.forward's loss = the documented formula on its own reconstruction; changing the
+    reconstruction at visible patches leaves it unchanged, at masked patches changes it."""
+    mim = MambaMIM(_encoder(), MambaMIMConfig(mask_ratio=0.5))
+    assert mim.toki.exponent == "causal"  # the default config's TOKI
+    gen = torch.Generator().manual_seed(0)
+    volume = torch.rand(2, 1, 32, 32, 32, generator=gen) * 5 + 3  # far from zero mean / unit variance
+    visible = mim.random_mask(volume, gen)
+    assert visible.any() and (~visible).any()
+    with torch.no_grad():
+        reconstruction = mim._reconstruct(volume, visible)
+        loss = mim(volume, visible)
+    torch.testing.assert_close(loss, _norm_pix_reference(reconstruction, volume, visible, 16))
+    raw = ((reconstruction - volume).square().mean((1,)).unfold(1, 16, 16).unfold(2, 16, 16).unfold(3, 16, 16)
+           .mean((-3, -2, -1)))[~visible].mean()
+    assert not torch.allclose(loss, raw)  # the targets are normalised, not raw intensities
+
+    keep = upsample_mask(visible, volume.shape[2:])
+    noise = torch.randn(volume.shape, generator=gen) * 10
+    monkeypatch.setattr(mim, "_reconstruct", lambda v, vis: reconstruction + noise * keep)
+    with torch.no_grad():
+        torch.testing.assert_close(mim(volume, visible), loss)  # visible patches do not count
+        monkeypatch.setattr(mim, "_reconstruct", lambda v, vis: reconstruction + noise * ~keep)
+        moved = mim(volume, visible)
+    torch.testing.assert_close(moved, _norm_pix_reference(reconstruction + noise * ~keep, volume, visible, 16))
+    assert moved > loss + 1
+
+
+class _ConvNormDown(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.first = nn.Conv3d(1, 3, 3, padding=1)
+        self.norm = norm
+        self.down = nn.Conv3d(3, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.norm(self.first(x))))
+
+
+def _visible_columns(x, keep):
+    """``(B, C, n, 1, 1)``: each sample's visible voxels (the same count per sample), raster order."""
+    flat, mask = x.flatten(2), keep.flatten(1)
+    return torch.stack([flat[b][:, mask[b]] for b in range(x.shape[0])])[..., None, None]
+
+
+NORM_MODULES = {
+    "batch": lambda: nn.BatchNorm3d(3, momentum=0.3),
+    "batch_cumulative": lambda: nn.BatchNorm3d(3, momentum=None),
+    "instance": lambda: nn.InstanceNorm3d(3, affine=True, track_running_stats=True, momentum=0.3),
+    "group": lambda: nn.GroupNorm(3, 3),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NORM_MODULES))
+def test_hooked_norms_equal_torch_norms_on_the_visible_voxels_only(kind):
+    """The norm hooks MambaMIM installs: in train mode, outputs at visible voxels, zeros elsewhere, and the
+    running statistics equal those of a plain torch module applied to the visible voxels alone."""
+    torch.manual_seed(0)
+    encoder = _ConvNormDown(NORM_MODULES[kind]()).double()
+    with torch.no_grad():
+        if encoder.norm.weight is not None:
+            encoder.norm.weight.uniform_(0.5, 2)
+            encoder.norm.bias.uniform_(-1, 1)
+    reference = NORM_MODULES[kind]().double()
+    reference.load_state_dict(encoder.norm.state_dict())
+    mim = MambaMIM(encoder, MambaMIMConfig(feature_modules=["first", "down"], patch_size=2, mask_ratio=0.5))
+    mim.double().train()
+    seen = {}
+    encoder.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0]))
+    encoder.norm.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))  # after MambaMIM's hook
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        volume = torch.rand(2, 1, 4, 6, 4, generator=gen, dtype=torch.float64) * 4 - 1
+        visible = mim.random_mask(volume, gen)
+        with torch.no_grad():
+            mim(volume, visible)
+        keep = upsample_mask(visible, volume.shape[2:])
+        x, out = seen["in"], seen["out"]
+        expected = reference(_visible_columns(x, keep))
+        assert not out.masked_select(~keep).any()
+        torch.testing.assert_close(_visible_columns(out, keep), expected)
+        with torch.no_grad(), mim._hooks.masking(visible):  # masked voxels' values do not matter
+            again = encoder.norm(x.masked_fill(~keep, 1e3))
+        torch.testing.assert_close(again, out)
+        reference(_visible_columns(x, keep))  # the extra call above updated the stats a second time
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(encoder.norm.get_buffer(name), buffer, msg=name)
+    mim.eval()
+    reference.eval()
+    with torch.no_grad():
+        mim(volume, visible)  # eval: running statistics (where tracked) normalise, none is updated
+    torch.testing.assert_close(_visible_columns(seen["out"], keep), reference(_visible_columns(seen["in"], keep)))
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(encoder.norm.get_buffer(name), buffer, msg=name)

@@ -1,11 +1,13 @@
 """The pretraining example at tiny sizes: outputs, fine-tune comparison, and exact resume."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from medadapt.mim.pretrain import _warmup_steps, build_encoder, build_parser, main
+from medadapt.mim import pretrain
+from medadapt.mim.pretrain import PRESETS, _schedules, _warmup_steps, build_encoder, build_parser, main
 
 pytest.importorskip("tqdm")
 
@@ -98,3 +100,73 @@ def test_warmup_follows_the_preset_unless_given(argv, steps):
     """The paper's recipe: 40 warm-up epochs of 100; an explicit --warmup wins (0 included)."""
     args = build_parser().parse_args(argv + ["--steps", "100"])
     assert _warmup_steps(args) == steps
+
+
+def test_paper_recipe_is_the_default_of_the_paper_preset():
+    """METHODS.md §3: AdamW lr 1e-4, 40 of 100 epochs warm-up, wd 0.04 → 0.2, grad clip 5."""
+    args = build_parser().parse_args(["--preset", "paper", "--steps", "100"])
+    assert PRESETS["paper"]["lr"] == 1e-4 and args.lr is None  # main: lr = --lr or the preset's
+    assert _warmup_steps(args) == 40
+    assert tuple(args.weight_decay) == (0.04, 0.2)
+    assert args.clip == 5.0
+
+
+@pytest.mark.parametrize("total, warmup", [(100, 40), (37, 3)])
+def test_schedules_follow_the_documented_formulas(total, warmup):
+    """Linear warm-up to lr over ``warmup`` steps, then a cosine from lr towards 1% of lr; weight decay
+    rising 0.04 → 0.2 on a half cosine over the whole run (first step 0.04, last step 0.2)."""
+    lr, wd = 1e-4, (0.04, 0.2)
+    rates, decays = zip(*(_schedules(step, total, warmup, lr, wd) for step in range(total)))
+    assert rates[0] == pytest.approx(lr / warmup, rel=1e-12)  # start: one warm-up step done
+    assert rates[warmup - 1] == pytest.approx(lr, rel=1e-12)  # end of warm-up: the peak
+    assert rates[warmup] == pytest.approx(lr, rel=1e-12)  # the cosine starts at the peak
+    for step in range(warmup):  # linear
+        assert rates[step] == pytest.approx(lr * (step + 1) / warmup, rel=1e-12)
+    for step in range(warmup, total):  # cosine to 0.01·lr at step == total
+        t = (step - warmup) / (total - warmup)
+        assert rates[step] == pytest.approx(lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))), rel=1e-12)
+    assert rates[-1] == pytest.approx(lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (1 - 1 / (total - warmup))))))
+    assert _schedules(total, total, warmup, lr, wd)[0] == pytest.approx(0.01 * lr, rel=1e-12)  # the floor
+    assert all(a <= b for a, b in zip(rates[:warmup], rates[1:warmup]))
+    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:]))
+    assert decays[0] == pytest.approx(0.04, rel=1e-12) and decays[-1] == pytest.approx(0.2, rel=1e-12)
+    for step, value in enumerate(decays):
+        t = step / (total - 1)
+        assert value == pytest.approx(0.04 + 0.16 * 0.5 * (1 - math.cos(math.pi * t)), rel=1e-12)
+    assert all(a < b for a, b in zip(decays, decays[1:]))
+
+
+def test_schedules_midpoints_and_no_warmup():
+    assert _schedules(70, 100, 40, 1.0, (0.04, 0.2))[0] == pytest.approx(0.505)  # half-way down the cosine
+    assert _schedules(50, 101, 40, 1.0, (0.04, 0.2))[1] == pytest.approx(0.12)  # half-way up the wd ramp
+    assert _schedules(0, 10, 0, 2e-4, (0.04, 0.2)) == pytest.approx((2e-4, 0.04))  # no warm-up: the peak at once
+
+
+def test_training_step_uses_the_schedules_adamw_and_the_documented_clip(tmp_path, monkeypatch):
+    """One real step of main() with the paper preset: AdamW, lr/wd set from the schedules on the right
+    parameter groups (biases and norms without decay), clip_grad_norm_ called with 5."""
+    clips, optimizers = [], []
+    real_clip, real_optimizer = torch.nn.utils.clip_grad_norm_, pretrain._optimizer
+
+    def clip(params, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    def optimizer(model):
+        optimizers.append(real_optimizer(model))
+        return optimizers[-1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(pretrain, "_optimizer", optimizer)
+    main(TINY[:-8] + ["--crop", "32", "--batch-size", "1", "--device", "cpu", "--preset", "paper",
+                      "--steps", "10", "--stop-after", "1", "--save-every", "100", "--no-png",
+                      "--out", str(tmp_path)])
+    assert clips == [5.0]
+    (opt,) = optimizers
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["decay"] and not no_decay["decay"]
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(1e-4 / 4)  # step 0 of a 4-step warm-up
+    assert decay["weight_decay"] == pytest.approx(0.04) and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 and not getattr(p, "_no_weight_decay", False) for p in decay["params"])
+    assert all(p.ndim <= 1 or p._no_weight_decay for p in no_decay["params"])

@@ -151,3 +151,24 @@ def test_bad_inputs_raise(args, word):
 def test_bad_exponent_raises():
     with pytest.raises(ValueError, match="exponent"):
         TOKI(3, exponent="acausal")
+
+
+def test_causal_is_the_default_exponent_of_the_module_and_the_config():
+    """METHODS.md §3: ``exponent="causal"`` is the default everywhere, not only for ``toki()``."""
+    from medadapt.mim import MambaMIMConfig
+    from medadapt.mim.pretrain import build_parser
+
+    module = TOKI(5)
+    assert module.exponent == "causal" and MambaMIMConfig().toki_exponent == "causal"
+    assert build_parser().parse_args([]).toki_exponent == "causal"
+    x, visible, A = _case(3)
+    with torch.no_grad():
+        module.A.copy_(A.float())
+    x = x.float()
+    causal, official = toki(x, visible, module.A, "causal"), toki(x, visible, module.A, "official")
+    assert not torch.allclose(causal, official)
+    torch.testing.assert_close(module(x, visible), causal, rtol=0, atol=0)
+    grid = x[:1, :27].transpose(1, 2).reshape(1, 5, 3, 3, 3)
+    cells = visible[:1, :27].reshape(1, 3, 3, 3)
+    torch.testing.assert_close(module.fill_grid(grid, cells), toki_grid(grid, cells, module.A, "causal"),
+                               rtol=0, atol=0)
