@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     tqdm = require("tqdm", "the pretraining progress bar").tqdm
     settings = _settings(args)
     crop = args.crop or PRESETS[args.preset]["crop"]
-    lr = args.lr or PRESETS[args.preset]["lr"]
+    lr = args.lr if args.lr is not None else PRESETS[args.preset]["lr"]
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
