@@ -5,7 +5,8 @@ resolution. Normalisations are recomputed from the module's input with statistic
 only, using the module's own affine parameters, then masked:
 ``y = (x − μ_vis) / sqrt(σ²_vis + eps) · γ + β`` then ``y ⊙ m``, where ``μ_vis, σ²_vis`` are taken
 over the visible voxels of each normalisation group (per sample and group for GroupNorm, per sample and
-channel for InstanceNorm, per channel over the batch for BatchNorm). BatchNorm's and InstanceNorm's running
+channel for InstanceNorm, per channel over the batch for BatchNorm — over the whole distributed batch for a
+SyncBatchNorm in training under ``torch.distributed``). BatchNorm's and InstanceNorm's running
 statistics (``track_running_stats``) are updated from the visible voxels (unbiased variance, momentum and
 ``num_batches_tracked`` as torch's own module does; see ``_update_running``).
 """
@@ -69,13 +70,40 @@ def _instance_norm(module: nn.InstanceNorm3d, x: torch.Tensor, m: torch.Tensor) 
     return _affine(y, module.weight, module.bias, channels)
 
 
+def _sync_group(module: nn.Module):
+    """The process group whose visible voxels a SyncBatchNorm in training pools (None: no syncing)."""
+    if not (isinstance(module, nn.SyncBatchNorm) and module.training and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        return None
+    group = module.process_group or torch.distributed.group.WORLD
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def _synced_normalise(x: torch.Tensor, m: torch.Tensor, eps: float, group):
+    """``_normalise`` over dim 1 of ``x (C, N)`` with sums and counts of visible entries added over the ranks of
+    ``group`` (differentiable all-reduces, as ``nn.SyncBatchNorm`` does): mean first, then the centred squares."""
+    from torch.distributed.nn.functional import all_reduce
+
+    local = torch.cat([(x * m).sum(1, keepdim=True), m.expand_as(x).sum(1, keepdim=True)], dim=1)
+    total = all_reduce(local, group=group)
+    count = total[:, 1:].clamp(min=1)
+    mean = total[:, :1] / count
+    centred = x - mean
+    var = all_reduce((centred.square() * m).sum(1, keepdim=True), group=group) / count
+    return centred * torch.rsqrt(var + eps), mean, var, count
+
+
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     channels = x.shape[1]
     use_batch_stats = module.training or not module.track_running_stats
     if use_batch_stats:
         xf = x.transpose(0, 1).reshape(channels, -1)
         mf = m.transpose(0, 1).reshape(1, -1).to(x.dtype)
-        y, mean, var, count = _normalise(xf, mf, (1,), module.eps)
+        group = _sync_group(module)
+        if group is not None:
+            y, mean, var, count = _synced_normalise(xf, mf, module.eps, group)
+        else:
+            y, mean, var, count = _normalise(xf, mf, (1,), module.eps)
         y = y.view(channels, x.shape[0], *x.shape[2:]).transpose(0, 1)
         if module.training and module.track_running_stats:
             _update_running(module, mean.flatten(), (var * count / (count - 1).clamp(min=1)).flatten())
