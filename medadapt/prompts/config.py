@@ -18,12 +18,13 @@ VARIANTS = ("coop", "cocoop", "cilmp")
 HOSTS = ("auto", "clip", "sam")
 
 
-def _int(cfg: Any, name: str, minimum: int, allow_none: bool = False) -> None:
+def _int(cfg: Any, name: str, minimum: int, allow_none: bool = False) -> int | None:
     value = getattr(cfg, name)
     if allow_none and value is None:
-        return
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -106,6 +107,9 @@ class CILMPConfig(AdapterConfig):
                 text = self.descriptions.get(name)
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError(f"descriptions has no description for class {name!r}")
+            extra = sorted(set(self.descriptions) - set(names))
+            if extra:
+                raise ValueError(f"descriptions names classes not in class_names: {extra}")
         if self.representation_path is not None and not isinstance(self.representation_path, str):
             raise ValueError(f"representation_path must be a path string or None, got {self.representation_path!r}")
         for flag in ("conditional", "orthogonal"):
@@ -127,7 +131,9 @@ class CILMPConfig(AdapterConfig):
             self._validate_representations()
 
     def _validate_representations(self) -> None:
-        _int(self, "representation_dim", 1)
+        if _int(self, "representation_dim", 1) < self.rank:
+            raise ValueError(f"rank ({self.rank}) must be <= representation_dim ({self.representation_dim}): "
+                             "the intervention's R has rank orthonormal rows of that width")
         lengths = self.representation_lengths
         if not isinstance(lengths, dict):
             raise ValueError(f"representation_lengths must be a dict {{class: token count}}, got {lengths!r}")
@@ -151,11 +157,12 @@ class CILMPConfig(AdapterConfig):
         ``class_names`` defaults to the dict's order; other fields come from ``kwargs``. The config
         records ``path`` as an absolute path (injecting from another working directory finds it).
         """
-        save_representations(representations, path)
         names = kwargs.pop("class_names", list(representations))
         missing = [n for n in names if n not in representations]
         if missing:
             raise ValueError(f"representations has no tensor for classes {missing}")
-        return cls(class_names=list(names), representation_path=os.path.abspath(path),
-                   representation_lengths={n: int(representations[n].shape[0]) for n in names},
-                   representation_dim=int(next(iter(representations.values())).shape[1]), **kwargs)
+        config = cls(class_names=list(names), representation_path=os.path.abspath(path),
+                     representation_lengths={n: int(representations[n].shape[0]) for n in names},
+                     representation_dim=int(next(iter(representations.values())).shape[1]), **kwargs)
+        save_representations(representations, path)  # only once the config is valid: no stray file
+        return config

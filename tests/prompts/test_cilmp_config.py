@@ -46,6 +46,8 @@ def test_json_round_trip(tmp_path, class_reps):
     (dict(variant="coop", prompt_depth=3), "prompt_depth"),
     (dict(conditional="yes"), "conditional"),
     (dict(representation_path=3), "representation_path"),
+    (dict(descriptions={"a": "x", "b": "y", "c": "z"}), "descriptions.*'c'"),  # a class not in class_names
+    (dict(rank=17), "rank.*representation_dim"),  # R would need more orthonormal rows than the width
 ])
 def test_bad_configs_raise_value_error_naming_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -88,3 +90,9 @@ def test_from_representations_records_an_absolute_path(tmp_path, class_reps, mon
     assert os.path.samefile(cfg.representation_path, tmp_path / "r.safetensors")
     monkeypatch.chdir("/")
     assert torch.equal(load_representations(cfg.representation_path)["covid_19"], class_reps["covid_19"])
+
+
+def test_invalid_from_representations_writes_no_file(tmp_path):
+    with pytest.raises(ValueError, match="rank"):
+        CILMPConfig.from_representations({"a": torch.randn(8, 4)}, tmp_path / "r.safetensors", rank=8)
+    assert list(tmp_path.iterdir()) == []
