@@ -3,7 +3,8 @@
 A slab starting at slice ``s`` along ``axis`` holds slices ``s, s+1, ..., s+D-1``; starts step by
 ``stride`` through the allowed slice range, so train and held-out slabs can come from disjoint parts
 of one volume (:func:`split_slice_range`). Each slice is resized in-plane to ``slice_size``
-(bilinear for the image, nearest for the label).
+(bilinear for the image, ``nearest-exact`` for the label: both sample at pixel centres, so the
+resized label stays aligned with the resized image).
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class VolumeSlabDataset(Dataset):
         if self.slice_size is not None and tuple(image.shape[1:]) != tuple(self.slice_size):
             image = F.interpolate(image[:, None], size=self.slice_size, mode="bilinear",
                                   align_corners=False)[:, 0]
-            label = F.interpolate(label[:, None].float(), size=self.slice_size, mode="nearest")[:, 0].long()
+            # "nearest-exact" samples at pixel centres like bilinear with align_corners=False; plain
+            # "nearest" samples at pixel corners and shifts the label by up to half an output pixel.
+            label = F.interpolate(label[:, None].float(), size=self.slice_size,
+                                  mode="nearest-exact")[:, 0].long()
         image = image[None].expand(self.channels, -1, -1, -1).contiguous()
         return {"image": image, "label": label, "volume": v, "start": start}

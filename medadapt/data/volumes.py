@@ -12,7 +12,9 @@ Folder pairing rule (first that applies):
 
 Every image must find its label (else ValueError naming the image). Checks before loading
 (:func:`check_volume_pair`) raise ValueError naming the file: not NIfTI, not 3D, label shape differs
-from the image, label empty (no voxel > 0).
+from the image, label empty (no voxel > 0). A label whose affine differs from its image's (beyond
+1e-3, float noise) is resampled onto the image's voxel grid (nearest neighbour, zeros outside the
+label's field of view) when loaded, so image and label voxels pair up by world position.
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ def check_volume_pair(image_path: str | os.PathLike, label_path: str | os.PathLi
         raise ValueError(f"label file {str(label_path)!r} has shape {label_shape}, but its image "
                          f"{str(image_path)!r} has shape {image_shape}")
     if not np.allclose(image.affine, label.affine, atol=1e-3):
-        warnings.warn(f"label file {str(label_path)!r} and image {str(image_path)!r} have different affines; "
-                      "they are resampled separately", stacklevel=2)
+        shift = float(np.abs(image.affine - label.affine).max())
+        warnings.warn(f"label file {str(label_path)!r} and image {str(image_path)!r} have different affines "
+                      f"(largest difference {shift:.4g}); the label is resampled onto the image's voxel grid "
+                      "(nearest neighbour) when loaded", stacklevel=2)
     data = np.asanyarray(label.dataobj)
     if not np.any(data > 0):
         raise ValueError(f"label file {str(label_path)!r} is empty: no voxel has a class > 0")
@@ -174,7 +178,9 @@ def build_volume_transforms(pixdim: Sequence[float] | None = None, orientation: 
                             margin: int = 2):
     """MONAI dictionary transforms for keys ``image`` (float) and ``label`` (class index).
 
-    ``LoadImaged → EnsureChannelFirstd → Orientationd → Spacingd → intensity → CropForegroundd``;
+    ``LoadImaged → EnsureChannelFirstd → ResampleToMatchd → Orientationd → Spacingd → intensity →
+    CropForegroundd``; ``ResampleToMatchd`` puts the label on the image's voxel grid (nearest neighbour,
+    zeros outside the label's field of view; a no-op when the affines agree within 1e-3);
     intensity is ``"window"`` (``ScaleIntensityRanged``: ``[a, b] → [0, 1]``, clipped, e.g. CT HU
     [−175, 250]), ``"percentile"`` (``ScaleIntensityRangePercentilesd``: the given percentiles
     → [0, 1], clipped; for MRI) or None. ``crop_foreground="image"`` keeps the bounding box of
@@ -183,7 +189,8 @@ def build_volume_transforms(pixdim: Sequence[float] | None = None, orientation: 
     transforms = require("monai.transforms", "volume transforms")
     keys = ["image", "label"]
     steps = [transforms.LoadImaged(keys=keys, image_only=True),
-             transforms.EnsureChannelFirstd(keys=keys)]
+             transforms.EnsureChannelFirstd(keys=keys),
+             transforms.ResampleToMatchd(keys="label", key_dst="image", mode="nearest", padding_mode="zeros")]
     if orientation:
         steps.append(transforms.Orientationd(keys=keys, axcodes=orientation,
                                                 labels=(("L", "R"), ("P", "A"), ("I", "S"))))
@@ -213,7 +220,12 @@ def load_volume_pairs(pairs: Sequence[dict[str, str]], **transform_kwargs) -> li
     """Check and load pairs: ``[{"image": float32 (1, X, Y, Z), "label": int64 (1, X, Y, Z), ...}]``.
 
     ``transform_kwargs`` go to :func:`build_volume_transforms`. The file names are kept under
-    ``image_path`` / ``label_path``.
+    ``image_path`` / ``label_path``. A label with another affine than its image is resampled onto the
+    image's voxel grid first (nearest neighbour), so both pair voxels at the same world position.
+
+    Raises:
+        ValueError naming the files: a check of :func:`check_volume_pair` fails, or no labelled voxel
+        lies inside the image once the label is on the image's grid.
     """
     transform = build_volume_transforms(**transform_kwargs)
     volumes = []
@@ -225,6 +237,9 @@ def load_volume_pairs(pairs: Sequence[dict[str, str]], **transform_kwargs) -> li
         if image.shape != label.shape:
             raise ValueError(f"label file {pair['label']!r} does not match image {pair['image']!r} after "
                              f"resampling: {label.shape} vs {image.shape}")
+        if not np.any(label > 0):
+            raise ValueError(f"label file {pair['label']!r} has no voxel > 0 inside image {pair['image']!r} "
+                             "once resampled onto the image's grid: do their affines place them apart?")
         volumes.append({"image": image, "label": label,
                         "image_path": pair["image"], "label_path": pair["label"]})
     return volumes

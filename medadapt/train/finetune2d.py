@@ -2,9 +2,10 @@
 
 Label: the template's white-matter map (``medadapt.data.load_mni152_tissue``, class 2); one box (or
 point) prompt per slice, sampled from the mask. Training and held-out slices are two contiguous blocks
-of the brain (the top quarter is held out), so neighbouring, near-identical slices never straddle the
-split. ``medadapt finetune`` and ``examples/finetune_sam2d.py`` run this; ``torchrun --nproc_per_node 2
--m medadapt.train.finetune2d`` runs it with DDP.
+of the brain (the top quarter is held out) with a gap of dropped training slices between them (one
+slice by default, like the 3D path's ``slab_sets`` gap of D slices), so neighbouring, near-identical
+slices never straddle the split. ``medadapt finetune`` and ``examples/finetune_sam2d.py`` run this;
+``torchrun --nproc_per_node 2 -m medadapt.train.finetune2d`` runs it with DDP.
 """
 
 from __future__ import annotations
@@ -49,14 +50,21 @@ class AxialSlices(Dataset):
 
 
 def mni152_slice_sets(size: int, label_class: int = 2, min_pixels: int = 50, held_out_fraction: float = 0.25,
-                      resolution: int = 2, cache_dir: str | os.PathLike | None = None
+                      resolution: int = 2, cache_dir: str | os.PathLike | None = None, gap: int = 1
                       ) -> tuple[AxialSlices, AxialSlices]:
     """Training and held-out axial slices of the MNI152 T1 where ``label_class`` covers >= ``min_pixels``.
 
     The slices between the first and the last such slice are split into a lower (training) and an upper
-    (held-out, ``held_out_fraction``) contiguous block; each slice is resized to ``size × size``. The
-    volume is built once and cached as NIfTI (``medadapt.data.write_mni152_tissue``).
+    (held-out, ``held_out_fraction``) contiguous block, and the last ``gap`` training slices are dropped
+    (as in :func:`~medadapt.train.slab_sets.slab_sets`), so no training slice is a direct neighbour of a
+    held-out one; each slice is resized to ``size × size``. The volume is built once and cached as NIfTI
+    (``medadapt.data.write_mni152_tissue``).
+
+    Raises:
+        ValueError: ``gap`` < 0, or too few such slices for a training block beside the gap.
     """
+    if not isinstance(gap, int) or gap < 0:
+        raise ValueError(f"gap must be an integer >= 0, got {gap!r}")
     nib = require("nibabel", "the MNI152 demo volume")
     image_path, label_path = write_mni152_tissue(cache_dir, resolution=resolution)
     volume = {"image": nib.load(os.fspath(image_path)).get_fdata(dtype="float32"),
@@ -67,6 +75,10 @@ def mni152_slice_sets(size: int, label_class: int = 2, min_pixels: int = 50, hel
         raise ValueError(f"label_class {label_class} covers >= {min_pixels} pixels in fewer than 2 axial slices")
     first, last = int(rich[0]), int(rich[-1])
     train_part, held_part = split_slice_range(last - first + 1, held_out_fraction)
+    if len(train_part) <= gap:
+        raise ValueError(f"label_class {label_class} covers >= {min_pixels} pixels in {last - first + 1} axial "
+                         f"slices: {len(train_part)} training slices leave none beside a gap of {gap}")
+    train_part = range(train_part.start, train_part.stop - gap)
 
     def slices(part: range) -> AxialSlices:
         window = range(first + part.start, first + part.stop)

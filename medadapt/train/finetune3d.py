@@ -13,7 +13,8 @@ With ``--compare`` (default) the same run is repeated with the ENCODER ADAPTERS 
 ``MedSAConfig(space_adapter=False, mlp_adapter=False, space_depth=False, hyper_prompt=True,
 modules_to_save=["mask_decoder"])``: no space, MLP or depth adapter in the encoder (which is then frozen
 and sees the slab as D independent slices); the decoder side (HyP-Adpt + the whole mask decoder) is
-identical. Same seed, backbone weights, data order, prompts and number of steps; the verdict says
+identical. Same seed, backbone weights, data order, prompts, number of steps and learning rate at each
+step (the adapted run's schedule, also when its time limit stopped it early); the verdict says
 whether the encoder adapters win, and why not when they do not (:mod:`medadapt.train.comparison`).
 
 Measured on 2 CPU cores (random ViT-B, defaults: 128 px, D = 4, 100 steps of 2 slabs): 6.5-7.3 minutes
@@ -59,7 +60,7 @@ from .sam_factory import SAM_GEOMETRIES, build_sam
 from .slab_sets import SlabSets, label_classes, slab_sets
 
 __all__ = ["DEFAULTS", "DEFAULT_DEPTH", "DEFAULT_IMG_SIZE", "Finetune3DResult", "VolumeData", "arm_config",
-           "build_parser", "default_img_size", "main", "prepare_data", "run"]
+           "baseline_options", "build_parser", "default_img_size", "main", "prepare_data", "run"]
 
 DEFAULT_IMG_SIZE = 128  # ViT-B: an 8 x 8 token grid per slice
 DEFAULT_DEPTH = 4
@@ -155,6 +156,17 @@ def prepare_data(args: argparse.Namespace, img_size: int) -> VolumeData:
     return VolumeData(sets, classes, names, bundled, [p["image"] for p in pairs])
 
 
+def baseline_options(options: FinetuneOptions, steps_done: int) -> FinetuneOptions:
+    """Options of the decoder-only run: the same budget and learning rates as the adapted run.
+
+    It stops after ``steps_done`` steps (what the adapted run took; fewer than ``options.steps`` when its
+    time limit stopped it), without a time limit, and keeps the adapted run's schedule length, so that
+    both runs see the same learning rate at every step they both ran.
+    """
+    return replace(options, steps=max(steps_done, 1), max_train_minutes=None,
+                   schedule_steps=options.schedule_steps or options.steps)
+
+
 def _train_arm(arm: str, args: argparse.Namespace, data: VolumeData, eval_batches: list[dict],
                options: FinetuneOptions, ctx: DistContext, out: Path, img_size: int, log: Callable[[str], None]
                ) -> tuple[nn.Module, FinetuneResult]:
@@ -191,8 +203,7 @@ def run(args: argparse.Namespace, ctx: DistContext | None = None, log: Callable[
     models: dict[str, nn.Module] = {"adapted": sam}
     if not args.compare:
         return Finetune3DResult(adapted, None, adapted.summary, None, models)
-    # same budget: as many steps as the adapted run took (fewer if its time limit stopped it)
-    same_budget = replace(options, steps=max(adapted.steps_done, 1), max_train_minutes=None)
+    same_budget = baseline_options(options, adapted.steps_done)
     models["decoder_only"], baseline = _train_arm("decoder_only", args, data, eval_batches, same_budget, ctx,
                                                   out / "decoder_only", img_size, log)
     name = f"finetune-3d {args.arch}@{img_size} D={args.depth} {args.prompt}"

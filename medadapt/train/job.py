@@ -30,7 +30,8 @@ from .objectives import PromptedSegmentationLoss, evaluate, to_device
 from .plots import save_curves, save_overlays
 from .prompted import PromptedSAM
 
-__all__ = ["FinetuneOptions", "FinetuneResult", "add_training_arguments", "options_from_args", "run_finetune"]
+__all__ = ["FinetuneOptions", "FinetuneResult", "add_training_arguments", "lr_scheduler", "options_from_args",
+           "run_finetune"]
 
 
 @dataclass
@@ -41,6 +42,9 @@ class FinetuneOptions:
     batch_size: int = 4
     lr: float = 1e-3
     lr_schedule: str = "cosine"
+    # length T of the cosine schedule; None: ``steps``. A run that stops before T (``steps`` < T) sees the
+    # first ``steps`` learning rates of the T-step schedule, not a whole schedule squeezed into fewer steps.
+    schedule_steps: int | None = None
     weight_decay: float = 0.0
     eval_every: int = 20
     max_train_minutes: float | None = 7.0
@@ -55,6 +59,8 @@ class FinetuneOptions:
         for name in ("steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.schedule_steps is not None and (not isinstance(self.schedule_steps, int) or self.schedule_steps < 1):
+            raise ValueError(f"schedule_steps must be an integer >= 1 or None, got {self.schedule_steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in ("cosine", "constant"):
@@ -112,6 +118,17 @@ def options_from_args(args: argparse.Namespace, base: FinetuneOptions | None = N
                               "lr_schedule": args.lr_schedule,
                               "eval_every": args.eval_every, "max_train_minutes": minutes, "seed": args.seed,
                               "num_overlays": args.overlays, "progress": not args.no_progress})
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, options: FinetuneOptions
+                 ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule of ``options``: None for ``"constant"``; for ``"cosine"``,
+    ``lr_t = lr · (1 + cos(π min(t, T) / T)) / 2`` with ``T = options.schedule_steps`` (default ``options.steps``)."""
+    if options.lr_schedule != "cosine":
+        return None
+    total = options.schedule_steps or options.steps
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total)))
 
 
 def _concat(batches: Sequence[dict]) -> dict:
@@ -195,10 +212,7 @@ def run_finetune(sam: nn.Module, train_set: Dataset, train_collate: Callable[[li
     parallel = wrap_ddp(model, ctx, find_unused_parameters=options.find_unused_parameters)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay)
-    scheduler = None
-    if options.lr_schedule == "cosine":  # lr_t = lr · (1 + cos(π t / T)) / 2
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, options.steps) / options.steps)))
+    scheduler = lr_scheduler(optimizer, options)
     loader = make_train_loader(train_set, options.batch_size, ctx, train_collate, seed=options.seed)
     my_batches = shard(list(eval_batches), ctx)
     k = len(class_names)

@@ -71,6 +71,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
     Dice before training and ``[-1]`` the Dice after. Every rank must call ``fit`` (collectives inside);
     rank 0 decides when ``max_seconds`` of training are used up and every rank stops at that step.
     ``scheduler.step()`` runs after every optimiser step.
+
+    Raises:
+        ValueError: ``steps`` < 1, or ``loader`` yields no batch in an epoch (it would never reach ``steps``).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -85,7 +88,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
     while step < steps and not history.stopped_early:
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
+        batches = 0
         for batch in loader:
+            batches += 1
             tick = time.monotonic()
             loss = _mean_over_ranks(train_step(model, batch, optimizer, loss_fn, ctx.device, grad_clip), ctx)
             if scheduler is not None:
@@ -105,6 +110,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                 history.stopped_early = broadcast_flag(time.monotonic() - start > max_seconds, ctx)
             if step >= steps or history.stopped_early:
                 break
+        if batches == 0:
+            bar.close()
+            raise ValueError(f"loader yielded no batch in epoch {epoch} (after {step} of {steps} steps): an empty "
+                             "dataset, or fewer items than batch_size with drop_last")
         epoch += 1
     bar.close()
     history.train_seconds = train_time

@@ -78,3 +78,20 @@ def test_split_slice_range():
         split_slice_range(5, 0.5, depth=3)
     with pytest.raises(ValueError, match="held_out"):
         split_slice_range(10, 0.5, held_out="middle")
+
+
+@pytest.mark.parametrize("box", [(20, 60, 30, 90), (7, 41, 55, 112), (50, 97, 3, 40)])
+def test_resized_label_aligns_with_resized_image(box):
+    # image == label mask: the resized label must cover the same pixels as the resized image (> 0.5),
+    # also for a non-integer scale (99 x 117 -> 128); plain "nearest" shifted it by ~half a pixel.
+    r0, r1, c0, c1 = box
+    label = np.zeros((99, 117, 1), np.int64)
+    label[r0:r1, c0:c1] = 1
+    item = VolumeSlabDataset([{"image": label.astype(np.float32), "label": label}], depth=1, slice_size=128)[0]
+    image_mask, resized = item["image"][0, 0] > 0.5, item["label"][0].bool()
+    dice = 2 * (image_mask & resized).sum() / (image_mask.sum() + resized.sum())
+    assert dice >= 0.99
+    coords = torch.arange(128.0)
+    for dim in (0, 1):
+        centroid = [(m.float().sum(1 - dim) * coords).sum() / m.sum() for m in (image_mask, resized)]
+        assert abs(float(centroid[0] - centroid[1])) < 0.1

@@ -1,5 +1,6 @@
 """NIfTI pairs: validation errors name the file, folder pairing rules, MONAI loading."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,47 @@ def test_load_window_spacing_and_label_crop(tmp_path):
     (cropped,) = load_volume_pairs(pair, intensity=None, crop_foreground="label", margin=0)
     assert cropped["label"].shape == (1, 3, 4, 3)  # bounding box of label > 0
     np.testing.assert_array_equal(cropped["label"][0], label[2:5, 1:5, 1:4])
+
+
+def _write_with_affine(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("pixdim", [None, (1.0, 1.0, 1.0)])
+def test_label_with_a_shifted_affine_is_resampled_onto_the_image_grid(tmp_path, pixdim):
+    mask = np.zeros((12, 12, 12), np.float32)
+    mask[4:8, 5:9, 3:7] = 1.0
+    image = _write_with_affine(tmp_path / "s.nii.gz", mask * 100.0, np.eye(4))
+    # the label's grid starts 3 mm further right (+x) and 2 mm lower: the same world positions sit at other voxels
+    shifted = np.eye(4)
+    shifted[:3, 3] = (3.0, 0.0, -2.0)
+    label_data = np.zeros((12, 12, 12), np.uint8)
+    label_data[1:5, 5:9, 5:9] = 1
+    label = _write_with_affine(tmp_path / "s_label.nii.gz", label_data, shifted)
+    with pytest.warns(UserWarning, match="resampled onto the image's voxel grid"):
+        (out,) = load_volume_pairs([{"image": image, "label": label}], pixdim=pixdim, intensity=None,
+                                   crop_foreground=None)
+    assert out["label"].shape == out["image"].shape == (1, 12, 12, 12)
+    np.testing.assert_array_equal(out["label"][0], mask.astype(np.int64))  # paired by world position
+
+
+def test_float_noise_in_the_affine_is_no_resampling_and_far_labels_are_an_error(tmp_path):
+    image_data, label_data = volume()
+    image = _write_with_affine(tmp_path / "a.nii.gz", image_data, np.eye(4))
+    noisy = np.eye(4)
+    noisy[0, 3] = 1e-5
+    label = _write_with_affine(tmp_path / "a_label.nii.gz", label_data, noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (out,) = load_volume_pairs([{"image": image, "label": label}], intensity=None, crop_foreground=None)
+    np.testing.assert_array_equal(out["label"][0], label_data)
+    far = np.eye(4)
+    far[0, 3] = 100.0
+    far_label = _write_with_affine(tmp_path / "b_label.nii.gz", label_data, far)
+    with pytest.warns(UserWarning, match="different affines"), \
+            pytest.raises(ValueError, match="b_label.nii.gz.*no voxel > 0 inside image.*a.nii.gz"):
+        load_volume_pairs([{"image": image, "label": far_label}], intensity=None, crop_foreground=None)
 
 
 def test_bad_transform_options():

@@ -18,8 +18,9 @@ from medadapt.cli import main as cli_main
 from medadapt.core.io import adapter_state_dict
 from medadapt.train import build_sam
 from medadapt.train.comparison import class_box_overlap, comparison_verdict, whole_region_agreement, whole_region_dice
-from medadapt.train.finetune3d import arm_config
+from medadapt.train.finetune3d import DEFAULTS, arm_config, baseline_options
 from medadapt.train.finetune3d import main as job_main
+from medadapt.train.job import lr_scheduler
 from medadapt.train.slab_sets import OrientedSlabs, foreground_extent, label_classes, slab_sets
 
 HERE = Path(__file__).parent
@@ -128,6 +129,28 @@ def test_decoder_only_arm_has_no_encoder_adapter():
         assert len(depth_embeds) == (2 if encoder_trains else 0) and all(p.shape[0] == 3 for p in depth_embeds)
     with pytest.raises(ValueError, match="arm"):
         arm_config("encoder_only", 3)
+
+
+def _learning_rates(options, steps: int) -> list[float]:
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=options.lr)
+    scheduler = lr_scheduler(optimizer, options)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("steps_done", [60, DEFAULTS.steps])
+def test_decoder_only_run_follows_the_adapted_learning_rates(steps_done):
+    # the adapted run's time limit stopped it after steps_done of DEFAULTS.steps: the baseline stops there
+    # too, on the same (not a shorter, whole) cosine schedule
+    baseline = baseline_options(DEFAULTS, steps_done)
+    assert baseline.steps == steps_done and baseline.max_train_minutes is None
+    adapted = _learning_rates(DEFAULTS, DEFAULTS.steps)
+    assert _learning_rates(baseline, steps_done) == adapted[:steps_done]
+    assert baseline_options(baseline, 10).schedule_steps == DEFAULTS.steps
 
 
 def test_tiny_job_on_user_volumes_through_the_cli(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """fit(): evaluation schedule, the wall-clock guard, and that training improves held-out Dice."""
 
+import pytest
 import torch
 from _synthetic import Squares
+from torch.utils.data import DataLoader
 
 import medadapt as ma
 from medadapt.train import (
@@ -62,3 +64,29 @@ def test_scheduler_steps_once_per_optimiser_step():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 / (1 + t))
     fit(model, optimizer, loader, PromptedSegmentationLoss(), steps=3, progress=False, scheduler=scheduler)
     assert optimizer.param_groups[0]["lr"] == 1e-3 / 4
+
+
+class _EmptyLoader:
+    """Yields no batch; fails the test (instead of hanging) when asked for many epochs."""
+
+    sampler = None
+
+    def __init__(self):
+        self.epochs = 0
+
+    def __iter__(self):
+        self.epochs += 1
+        assert self.epochs <= 3, "fit keeps starting epochs of an empty loader"
+        return iter(())
+
+
+def test_empty_loader_raises_instead_of_looping():
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    empty = _EmptyLoader()
+    with pytest.raises(ValueError, match="loader yielded no batch in epoch 0"):
+        fit(model, optimizer, empty, lambda out, batch: out.sum(), steps=2, progress=False)
+    assert empty.epochs == 1
+    short = DataLoader([torch.zeros(1)] * 3, batch_size=4, drop_last=True)  # fewer items than a batch
+    with pytest.raises(ValueError, match="loader"):
+        fit(model, optimizer, short, lambda out, batch: out.sum(), steps=2, progress=False)
