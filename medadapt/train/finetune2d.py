@@ -4,7 +4,9 @@ Label: the template's white-matter map (``medadapt.data.load_mni152_tissue``, cl
 point) prompt per slice, sampled from the mask. Training and held-out slices are two contiguous blocks
 of the brain (the top quarter is held out) with a gap of dropped training slices between them (one
 slice by default, like the 3D path's ``slab_sets`` gap of D slices), so neighbouring, near-identical
-slices never straddle the split. ``medadapt finetune`` and ``examples/finetune_sam2d.py`` run this;
+slices never straddle the split. Loss: the pipeline's ``PromptedSegmentationLoss`` (DiceCE, whose CE is
+BCE for one mask channel, plus the IoU head's MSE), one loss for the 2D and 3D jobs; Med-SA's own 2D recipe
+uses plain BCE. ``medadapt finetune`` and ``examples/finetune_sam2d.py`` run this;
 ``torchrun --nproc_per_node 2 -m medadapt.train.finetune2d`` runs it with DDP.
 """
 
