@@ -14,7 +14,7 @@ Importing this package needs torch and numpy only; nibabel, MONAI and nilearn ar
 from .mni152 import TISSUE_CLASSES, TissueVolume, default_cache_dir, load_mni152_tissue, write_mni152_tissue
 from .prompts import class_masks, mask_bounding_boxes, sample_box_prompts, sample_point_prompts
 from .slabs import VolumeSlabDataset, split_slice_range
-from .sources import add_volume_arguments, resolve_volume_pairs, volume_pairs_from_args
+from .sources import add_volume_arguments, resolve_volume_pairs, volume_pairs_from_args, volume_transform_options
 from .volumes import (
     NIFTI_SUFFIXES,
     build_volume_transforms,
@@ -44,5 +44,6 @@ __all__ = [
     "sample_point_prompts",
     "split_slice_range",
     "volume_pairs_from_args",
+    "volume_transform_options",
     "write_mni152_tissue",
 ]

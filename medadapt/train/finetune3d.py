@@ -43,7 +43,13 @@ from torch import nn
 from .._atomic import atomic_write_text
 from ..core.config import MedSAConfig
 from ..core.inject import inject
-from ..data import TISSUE_CLASSES, add_volume_arguments, load_volume_pairs, volume_pairs_from_args
+from ..data import (
+    TISSUE_CLASSES,
+    add_volume_arguments,
+    load_volume_pairs,
+    volume_pairs_from_args,
+    volume_transform_options,
+)
 from .batches import PromptCollate
 from .comparison import (
     class_box_overlap,
@@ -145,7 +151,7 @@ def prepare_data(args: argparse.Namespace, img_size: int) -> VolumeData:
     if not 0.0 < args.held_out_fraction < 1.0:
         raise ValueError(f"--held-out-fraction must be in (0, 1), got {args.held_out_fraction}")
     pairs, bundled = volume_pairs_from_args(args)
-    volumes = load_volume_pairs(pairs)
+    volumes = load_volume_pairs(pairs, **volume_transform_options(args))
     found = label_classes(volumes)
     classes = sorted(set(args.classes)) if args.classes else found
     missing = [c for c in classes if c not in found]

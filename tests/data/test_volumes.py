@@ -232,3 +232,26 @@ def test_command_line_arguments(tmp_path):
     assert not is_demo and [p["image"] for p in pairs] == [str(a[0]), str(b[0])]
     pairs, _ = volume_pairs_from_args(parser.parse_args(["--data-dir", str(tmp_path)]))
     assert [p["label"] for p in pairs] == [str(a[1]), str(b[1])]
+
+
+def test_ct_window_and_spacing_arguments(tmp_path):
+    """``--ct-window``/``--spacing`` reach the transforms: HU window scaling, resampled grid; bad values named."""
+    import argparse
+
+    from medadapt.data import add_volume_arguments, volume_transform_options
+
+    parser = add_volume_arguments(argparse.ArgumentParser())
+    assert volume_transform_options(parser.parse_args([])) == {}
+    options = volume_transform_options(parser.parse_args(["--ct-window", "10", "110", "--spacing", "1", "1", "1"]))
+    assert options == {"intensity": "window", "window": (10.0, 110.0), "pixdim": (1.0, 1.0, 1.0)}
+    image, label = volume()
+    pair = [{"image": str(write_nifti(tmp_path / "ct.nii.gz", image, spacing=2.0)),
+             "label": str(write_nifti(tmp_path / "ct_label.nii.gz", label, spacing=2.0))}]
+    (out,) = load_volume_pairs(pair, crop_foreground=None, **options)
+    assert out["image"].shape[1:] == tuple(2 * s - 1 for s in SHAPE)  # 2 mm → 1 mm
+    (coarse,) = load_volume_pairs(pair, crop_foreground=None, **{**options, "pixdim": (2.0, 2.0, 2.0)})
+    np.testing.assert_allclose(coarse["image"][0], np.clip((image - 10.0) / 100.0, 0, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="--ct-window"):
+        volume_transform_options(parser.parse_args(["--ct-window", "250", "-175"]))
+    with pytest.raises(ValueError, match="--spacing"):
+        volume_transform_options(parser.parse_args(["--spacing", "1", "0", "1"]))
