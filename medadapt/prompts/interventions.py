@@ -56,11 +56,32 @@ class LowRankRotation(nn.Module):
             # Householder map without trivialisation: the default trivialisation keeps a D×D orthogonal
             # base buffer (64 MB and an 8 s QR at D = 4096), this keeps only the r×D reflectors
             parametrizations.orthogonal(self.proj, "weight", orthogonal_map="householder", use_trivialization=False)
+            maps = self.proj.parametrizations.weight
+            maps[0] = _HalfPrecisionSafe(maps[0])  # a model cast to bf16/fp16 after injection keeps working
 
     @property
     def weight(self) -> torch.Tensor:
         """R, shape ``(rank, dim)``."""
         return self.proj.weight
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _HalfPrecisionSafe(nn.Module):
+    """A parametrization run in float32 for float16/bfloat16 tensors, its result cast back: torch has no
+    half-precision ``householder_product``, so R of a model cast to bf16 after injection is formed in fp32.
+    Holds no tensors, so the state-dict keys of the orthogonal parametrization are unchanged."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.inner(X.float()).to(X.dtype) if X.dtype in _HALF else self.inner(X)
+
+    def right_inverse(self, Q: torch.Tensor) -> torch.Tensor:
+        return self.inner.right_inverse(Q.float()).to(Q.dtype) if Q.dtype in _HALF else self.inner.right_inverse(Q)
 
 
 class LoReFT(nn.Module):

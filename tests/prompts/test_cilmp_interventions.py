@@ -148,3 +148,22 @@ def test_bad_inputs_raise_value_error_naming_them():
         ConditionalIntervention(8, 2, 3)(torch.randn(2, 8), torch.randn(2, 4))
     with pytest.raises(ValueError, match="lengths"):
         ClassTokenIntervention(8, 2, 4, [3, 9], prefix_length=2, suffix_length=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_orthonormal_rotation_survives_a_cast_to_half_precision(dtype):
+    """A model cast to bf16/fp16 after injection: R is formed in fp32 (torch has no half-precision Householder
+    product), stays orthonormal to the dtype's rounding, trains, and keeps its state-dict keys."""
+    torch.manual_seed(0)
+    module = LoReFT(16, 4, orthogonal=True)
+    keys = list(module.state_dict())
+    h = torch.randn(3, 16)
+    want = module(h)
+    module = module.to(dtype)
+    r = module.rotation.weight
+    assert r.dtype == dtype and list(module.state_dict()) == keys
+    torch.testing.assert_close(r.float() @ r.float().T, torch.eye(4), atol=1e-2, rtol=0)
+    got = module(h.to(dtype))
+    torch.testing.assert_close(got.float(), want.detach(), atol=5e-2, rtol=5e-2)
+    got.float().square().sum().backward()
+    assert module.rotation.proj.parametrizations.weight.original.grad.abs().sum() > 0
