@@ -81,11 +81,14 @@ def _sample_pixels(region: torch.Tensor, count: int, generator: torch.Generator 
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` distinct pixels drawn uniformly from each boolean ``region`` (N, H, W).
 
-    Returns ``(xy (N, count, 2), valid (N, count))``.
+    Returns ``(xy (N, count, 2), valid (N, count))``; beyond the region's size the entries are invalid
+    (also when ``count`` exceeds ``H·W``).
     """
     n, h, w = region.shape
     scores = torch.rand((n, h * w), generator=generator).to(region.device)
     scores = torch.where(region.reshape(n, -1), scores, torch.full_like(scores, -1.0))
+    if count > h * w:  # more points than pixels: the extra ones are padding
+        scores = torch.cat([scores, scores.new_full((n, count - h * w), -1.0)], dim=-1)
     top, flat = scores.topk(count, dim=-1)
     xy = torch.stack([flat % w, flat // w], -1).float()
     valid = top >= 0

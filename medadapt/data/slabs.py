@@ -79,6 +79,9 @@ class VolumeSlabDataset(Dataset):
             raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
+        if slice_range is not None and (not isinstance(slice_range, range) or slice_range.step != 1):
+            raise ValueError(f"slice_range must be a contiguous range (step 1; slab spacing is stride), "
+                             f"got {slice_range!r}")
         if isinstance(slice_size, int):
             slice_size = (slice_size, slice_size)
         self.depth, self.axis, self.channels, self.slice_size = depth, axis, channels, slice_size

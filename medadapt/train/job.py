@@ -209,7 +209,8 @@ def run_finetune(sam: nn.Module, train_set: Dataset, train_collate: Callable[[li
     torch.manual_seed(options.seed)
     model = PromptedSAM(sam).to(ctx.device)
     trainable, total = trainable_parameters(sam)
-    parallel = wrap_ddp(model, ctx, find_unused_parameters=options.find_unused_parameters)
+    # iou_weight 0 leaves a trained IoU head without gradients: DDP must then look for unused parameters
+    parallel = wrap_ddp(model, ctx, find_unused_parameters=options.find_unused_parameters or not options.iou_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay)
     scheduler = lr_scheduler(optimizer, options)

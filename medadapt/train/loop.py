@@ -69,7 +69,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
     ``evaluate_fn()`` (held-out Dice, see :func:`~medadapt.train.objectives.evaluate`) runs before the
     first step, every ``eval_every`` steps, and after the last one, so ``History.eval_dice[0]`` is the
     Dice before training and ``[-1]`` the Dice after. Every rank must call ``fit`` (collectives inside);
-    rank 0 decides when ``max_seconds`` of training are used up and every rank stops at that step.
+    rank 0 decides when ``max_seconds`` of wall time since the start of training (periodic evaluations
+    included; ``History.train_seconds`` counts the training steps alone) are used up and every rank stops at
+    that step.
     ``scheduler.step()`` runs after every optimiser step.
 
     Raises:

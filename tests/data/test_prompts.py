@@ -76,6 +76,16 @@ def test_box_region_negatives_and_padding():
     assert torch.all((c >= 4) & (c <= 6))
 
 
+def test_more_points_than_pixels_are_padding():
+    label = torch.zeros(3, 4, dtype=torch.long)
+    label[1, 1:3] = 1
+    coords, labels, present = sample_point_prompts(label, [1], num_positive=15, num_negative=14, generator=0)
+    assert present.all() and labels.shape == (1, 29)
+    assert labels[0, :15].tolist() == [1, 1] + [-1] * 13  # the mask's 2 pixels, then padding
+    assert labels[0, 15:].tolist() == [0] * 10 + [-1] * 4  # the 10 other pixels, then padding
+    assert torch.all(coords[0, labels[0] == -1] == 0)
+
+
 def test_points_cover_the_mask_uniformly_enough():
     label = torch.zeros(400, 5, 5, dtype=torch.long)
     label[:, 1:3, 1:4] = 1  # 6 pixels

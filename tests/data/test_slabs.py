@@ -67,6 +67,8 @@ def test_errors():
         VolumeSlabDataset([{"image": vol["image"], "label": vol["label"][:, :, :5]}], depth=1)
     with pytest.raises(ValueError, match=r"volumes\[0\]\['image'\] must be 3D"):
         VolumeSlabDataset([{"image": vol["image"][0], "label": vol["label"][0]}], depth=1)
+    with pytest.raises(ValueError, match="slice_range"):
+        VolumeSlabDataset([vol], depth=1, slice_range=range(0, 6, 2))  # a step would be ignored
 
 
 def test_split_slice_range():
