@@ -5,7 +5,8 @@ Folder pairing rule (first that applies):
 
 1. ``imagesTr/`` + ``labelsTr/`` (Medical Segmentation Decathlon / nnU-Net): an image
    ``case_0000.nii.gz`` (channel suffix ``_0000`` removed) or ``case.nii.gz`` pairs with
-   ``labelsTr/case.nii.gz``;
+   ``labelsTr/case.nii.gz``; several channels of one case (``case_0000``, ``case_0001``: e.g. T1 and T2)
+   become one grey-level volume each, all with that label (SAM reads one modality per image);
 2. ``images/`` + ``labels/``: identical file names;
 3. a flat folder: ``case.nii.gz`` pairs with ``case_label``, ``case_seg``, ``case_mask`` or
    ``case_labels`` (``.nii`` or ``.nii.gz``).
