@@ -34,8 +34,8 @@ log="$OUT/gpu_log_${part}.txt"
     timeout 220 python3 benchmarks/bench_finetune.py --out "$OUT" --with-3d
   fi
   if [[ $part == adapter_modes ]]; then
-    timeout 220 python3 benchmarks/tune_adapter.py --out "$OUT"
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py
+    timeout 260 python3 benchmarks/tune_adapter.py --out "$OUT"
+    timeout 180 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py
     timeout 150 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8 \
       ${BENCH_MODE:+--backward-mode "$BENCH_MODE"}
   fi

@@ -8,8 +8,9 @@ Kernels are compiled first in parallel worker processes (Triton's disk cache the
 process), then each (case, kernel, tile shape) is timed as CUDA-graph replays. The backward is timed as
 a whole: ``bwd_cublas`` per tile of the fused kernel (one loop over the columns; ``bwd_cublas_two_loops``
 with two), the rest cuBLAS; ``bwd_wgrad`` per tile of the weight-gradient kernel (the fused kernel
-autotuned; ``bwd_wgrad_two_launches`` with one launch per weight, ``WGRAD_LAUNCHES = 2``); the cuBLAS GEMMs
-and the weight-gradient pass (one grid, two launches) are also timed alone. Writes
+autotuned; ``bwd_wgrad_two_launches`` with one launch per weight, ``WGRAD_LAUNCHES = 2``;
+``bwd_wgrad_hidden_tiles`` also with its hidden rows in tiles, ``WGRAD_HIDDEN_TILE``); the cuBLAS GEMMs and
+the weight-gradient pass (one grid, two launches, hidden tiles) are also timed alone. Writes
 ``adapter_tuning_<device>.csv`` and ``adapter_host_<device>.txt`` (host time per call, cProfile of the
 fused forward+backward).
 """
@@ -68,12 +69,20 @@ def _tuners():
     from medadapt.kernels.fused_adapter import triton_launch as tl_
 
     return {"fwd": [tl_._fwd], "bwd_cublas": [tl_._bwd], "bwd_cublas_two_loops": [tl_._bwd],
-            "bwd_wgrad": [tl_._wgrad, tl_._bwd], "bwd_wgrad_two_launches": [tl_._wgrad, tl_._bwd]}
+            "bwd_wgrad": [tl_._wgrad, tl_._bwd], "bwd_wgrad_two_launches": [tl_._wgrad, tl_._bwd],
+            "bwd_wgrad_hidden_tiles": [tl_._wgrad, tl_._bwd]}
 
 
-# backward kinds: (backward_mode, the backward kernel's loops merged, weight-gradient launches)
-_MODES = {"bwd_cublas": ("cublas", True, 1), "bwd_cublas_two_loops": ("cublas", False, 1),
-          "bwd_wgrad": ("wgrad_kernel", True, 1), "bwd_wgrad_two_launches": ("wgrad_kernel", True, 2)}
+# backward kinds: (backward_mode, the backward kernel's loops merged (None: the plan's choice), weight-gradient
+# launches, hidden tile of the weight-gradient kernel ("auto": _hidden_tile))
+_MODES = {"bwd_cublas": ("cublas", True, 1, None), "bwd_cublas_two_loops": ("cublas", False, 1, None),
+          "bwd_wgrad": ("wgrad_kernel", True, 1, None), "bwd_wgrad_two_launches": ("wgrad_kernel", True, 2, None),
+          "bwd_wgrad_hidden_tiles": ("wgrad_kernel", None, 2, "auto")}
+
+
+def _hidden_tile(hidden: int) -> int:
+    """The hidden tile tried for a width: 128 where it divides it (256), else 64 (192 = 3·64, 320 = 5·64)."""
+    return 128 if hidden % 128 == 0 else 64
 
 
 def _fitting(tuner, hidden: int) -> list:
@@ -92,16 +101,18 @@ def _call(kind: str, case: dict):
                                        torch.bfloat16)
     from medadapt.kernels.fused_adapter import triton_launch
 
-    mode, merged, launches = _MODES[kind]
+    mode, merged, launches, tile = _MODES[kind]
+    tile = _hidden_tile(c["w_down"].shape[0]) if tile == "auto" else tile
 
     def backward():
-        saved = triton_launch.MERGE_LOOPS, triton_launch.WGRAD_LAUNCHES
-        triton_launch.MERGE_LOOPS, triton_launch.WGRAD_LAUNCHES = merged, launches
+        saved = triton_launch.MERGE_LOOPS, triton_launch.WGRAD_LAUNCHES, triton_launch.WGRAD_HIDDEN_TILE
+        triton_launch.MERGE_LOOPS, triton_launch.WGRAD_LAUNCHES, triton_launch.WGRAD_HIDDEN_TILE = (merged, launches,
+                                                                                                  tile)
         try:
             return adapter_backward(c["x2"], c["w_down"], c["b_down"], c["w_up"], c["g2"], 0.5, "gelu", NEEDS,
                                     backward_mode=mode)
         finally:
-            triton_launch.MERGE_LOOPS, triton_launch.WGRAD_LAUNCHES = saved
+            triton_launch.MERGE_LOOPS, triton_launch.WGRAD_LAUNCHES, triton_launch.WGRAD_HIDDEN_TILE = saved
 
     return backward
 
@@ -187,19 +198,23 @@ def _gemm_parts(case: dict) -> dict[str, float]:
             "wgrad_pass": _timed_ms(lambda: _weight_gradient_pass(case["x2"], case["g2"], h, dpre, case["w_down"],
                                                                   0.5)),
             "wgrad_pass_two_launches": _two_launches_ms(lambda: _weight_gradient_pass(
-                case["x2"], case["g2"], h, dpre, case["w_down"], 0.5))}
+                case["x2"], case["g2"], h, dpre, case["w_down"], 0.5)),
+            "wgrad_pass_hidden_tiles": _two_launches_ms(lambda: _weight_gradient_pass(
+                case["x2"], case["g2"], h, dpre, case["w_down"], 0.5), _hidden_tile(hidden))}
 
 
-def _two_launches_ms(fn) -> float:
-    """``fn`` timed with the weight-gradient kernel as one launch per problem (each autotuned first)."""
+def _two_launches_ms(fn, hidden_tile: int | None = None) -> float:
+    """``fn`` timed with the weight-gradient kernel as one launch per problem, its hidden rows whole or in
+    tiles of ``hidden_tile`` (each autotuned first)."""
     from medadapt.kernels.fused_adapter import triton_launch
 
-    saved, triton_launch.WGRAD_LAUNCHES = triton_launch.WGRAD_LAUNCHES, 2
+    saved = triton_launch.WGRAD_LAUNCHES, triton_launch.WGRAD_HIDDEN_TILE
+    triton_launch.WGRAD_LAUNCHES, triton_launch.WGRAD_HIDDEN_TILE = 2, hidden_tile
     try:
         fn()
         return _timed_ms(fn)
     finally:
-        triton_launch.WGRAD_LAUNCHES = saved
+        triton_launch.WGRAD_LAUNCHES, triton_launch.WGRAD_HIDDEN_TILE = saved
 
 
 def host_report(path: str, grid: int = 64, calls: int = 300) -> str:

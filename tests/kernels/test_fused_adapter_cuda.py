@@ -91,14 +91,15 @@ def test_every_tile_configuration(width, hidden, mode, monkeypatch):
     assert ran > 0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "wgrad_kernel_hidden_tiles"])
 def test_sequential_adapter_folds_residual_gradient(mode, monkeypatch):
     """``residual=x`` (Med-SA's space adapter): dx = g + adapter gradient from one GEMM epilogue or store."""
     from medadapt.kernels.fused_adapter import triton_launch
 
     monkeypatch.delenv("MEDADAPT_KERNELS", raising=False)
-    monkeypatch.setattr(triton_launch, "WGRAD_LAUNCHES", 2 if mode.endswith("two_launches") else 1)
-    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", mode.removesuffix("_two_launches"))
+    monkeypatch.setattr(triton_launch, "WGRAD_LAUNCHES", 1 if mode in ("cublas", "wgrad_kernel") else 2)
+    monkeypatch.setattr(triton_launch, "WGRAD_HIDDEN_TILE", 64 if mode.endswith("hidden_tiles") else None)
+    monkeypatch.setattr(triton_launch, "BACKWARD_MODE", "cublas" if mode == "cublas" else "wgrad_kernel")
     tensors, grad = _problem((2, 21, 19), 768, 192, seed=4)
     results = {}
     for name, fn, dtype in (("exact", fused_adapter_reference, torch.float64),

@@ -174,15 +174,18 @@ def test_launcher_remembers_the_autotuned_configuration(monkeypatch):
         (70, 40, 40, 12, (True, False, False, False, True)),  # db_up alone
     ],
 )
-@pytest.mark.parametrize("launches", [1, 2])
-def test_weight_gradient_kernel_matches_float64(rows, width, c_out, hidden, needs, launches, monkeypatch):
+@pytest.mark.parametrize("launches,hidden_tile", [(1, None), (2, None), (1, 16), (2, 16)])
+def test_weight_gradient_kernel_matches_float64(rows, width, c_out, hidden, needs, launches, hidden_tile,
+                                                monkeypatch):
     """The second backward pass: dx, dW_down, db_down, dW_up, db_up from fp32 partial sums per row chunk; both
-    problems in one grid, or one launch per problem (each compiled for its problem, its own buffer)."""
+    problems in one grid, or one launch per problem (each compiled for its problem, its own buffer); the hidden
+    rows whole per program or in tiles of 16 (hidden 48: three tiles, 20: a full and a masked one)."""
     from medadapt.kernels.fused_adapter import triton_launch
     from medadapt.kernels.fused_adapter.reference import fused_adapter_reference as ref
     from medadapt.kernels.fused_adapter.triton_launch import adapter_backward
 
     monkeypatch.setattr(triton_launch, "WGRAD_LAUNCHES", launches)
+    monkeypatch.setattr(triton_launch, "WGRAD_HIDDEN_TILE", hidden_tile)
 
     gen = torch.Generator().manual_seed(rows)
     x, g = torch.randn(rows, width, generator=gen), torch.randn(rows, c_out, generator=gen)
@@ -198,6 +201,16 @@ def test_weight_gradient_kernel_matches_float64(rows, width, c_out, hidden, need
             continue
         torch.testing.assert_close(have.double().cpu(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item(),
                                    msg=lambda m, name=name: f"d_{name}: {m}")
+
+
+def test_bad_hidden_tile_is_named(monkeypatch):
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    monkeypatch.setattr(triton_launch, "WGRAD_HIDDEN_TILE", 24)
+    x, g = torch.randn(8, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="WGRAD_HIDDEN_TILE"):
+        triton_launch._weight_gradient_pass(x, g, torch.randn(8, 4, device=DEVICE), torch.randn(8, 4, device=DEVICE),
+                                            torch.randn(4, 16, device=DEVICE), 1.0)
 
 
 def test_weight_gradient_part_offsets():
@@ -307,6 +320,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     compile_kernel("wgrad", 320, (64, 64, 1, 8, 3))
     compile_kernel("wgrad_down", 192, (64, 128, 1, 8, 3))
     compile_kernel("wgrad_up", 320, (64, 128, 1, 8, 3))
+    compile_kernel("wgrad_down", 128, (64, 128, 1, 8, 3))  # a hidden tile of 128 (HB = 0)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from medadapt.kernels.fused_adapter.triton_weight_grads import column_sum_kernel

@@ -60,6 +60,12 @@ _BACKWARD_MODES = ("auto", "cublas", "wgrad_kernel")
 # next step 1: the one-grid pass takes 107 µs at ViT-B batch 8 against 78 for an older version); 1 is what
 # was measured.
 WGRAD_LAUNCHES = 1
+# The weight-gradient kernel's hidden rows in tiles of this many per program (a power of two >= 16), or None
+# for the whole padded hidden width per program (what was measured). An experiment for the next H100 run
+# (adapter_kernel_notes.md, next step 2): at hidden 256/320 a program's [hidden × 128] accumulator fills the
+# registers and the left operand is re-read by every column slice; tiles of 128 hold a quarter to a half
+# of it and re-read the right operand per tile instead.
+WGRAD_HIDDEN_TILE: int | None = None
 # The backward kernel's two sums over the columns (x W_downᵀ and g W_up) in one loop (needs C == C_out):
 # True, False, or None for ``_backward_plan``'s choice.
 MERGE_LOOPS: bool | None = None
@@ -127,7 +133,7 @@ def _tuned(kernel, configs, interpreter_configs, extra_key=()):
 
 _fwd = _tuned(adapter_fwd_kernel, _gpu_configs(_FWD_SHAPES), _INTERPRETER_CONFIG)
 _bwd = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_SHAPES), _INTERPRETER_CONFIG)
-_wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG, ["PROBLEM"])
+_wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG, ["PROBLEM", "HA"])
 
 
 _chosen: dict[tuple, triton.Config] = {}
@@ -289,19 +295,23 @@ def _wgrad_launch(x2, grad2, h, dpre, scale, problem: int, offsets: tuple[int, i
     M, C = x2.shape
     H, C_out = h.shape[1], grad2.shape[1]
     sms = _sm_count(x2.device)
+    tile = WGRAD_HIDDEN_TILE
+    if tile is not None and (tile < 16 or tile & (tile - 1)):
+        raise ValueError(f"WGRAD_HIDDEN_TILE must be None or a power of two >= 16, got {tile!r}")
+    ha, hb = (tile, 0) if tile is not None else hidden_split(H)
+    tiles = _cdiv(H, ha) if tile is not None else 1
 
     def slices(meta) -> int:
         down, up = _cdiv(C, meta["BLOCK_C"]), _cdiv(C_out, meta["BLOCK_C"])
         return down + up if problem == 0 else down if problem == 1 else up
 
     def splits(meta) -> int:
-        return max(1, min(_cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // slices(meta)))
+        return max(1, min(_cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // (slices(meta) * tiles)))
 
     o_wu, o_bu, o_bd, total = offsets
     part = torch.empty((max(splits(c.kwargs) for c in _wgrad.configs), total), device=x2.device,
                        dtype=torch.float32)
-    ha, hb = hidden_split(H)
-    config = _launch(_wgrad, lambda meta: (slices(meta), splits(meta)), (_bucket(M), C, C_out, H), (
+    config = _launch(_wgrad, lambda meta: (slices(meta), splits(meta), tiles), (_bucket(M), C, C_out, H), (
         x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M), o_wu, o_bu, o_bd,
         x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0), part.stride(0),
         float(scale),

@@ -68,9 +68,15 @@ def adapter_wgrad_kernel(
     ``PROBLEM``: 0 for both problems in one grid (the runtime choice above); 1 (dW_down, db_down) or 2
     (dW_up, db_up) for one problem per launch, chosen at compile time: no pointer selection, and only the
     bias sum the problem stores is formed (``WGRAD_LAUNCHES = 2`` in ``triton_launch``).
+
+    Hidden tiles (``WGRAD_HIDDEN_TILE`` in ``triton_launch``; ``HB = 0``): grid axis 2 splits the hidden rows
+    into tiles of ``HA``, program ``t`` owning rows ``[t·HA, (t+1)·HA)`` of both weights (and of ``db_down``);
+    ``db_up`` is stored by tile 0. Each program then holds an ``[HA × BLOCK_C]`` accumulator instead of the
+    whole hidden width, and the right operand is read once per tile. One tile (the default) is the above.
     """
     j = tl.program_id(0)
     s = tl.program_id(1)
+    t = tl.program_id(2)
     if PROBLEM == 0:
         n_down = tl.cdiv(C, BLOCK_C)
         up = j >= n_down
@@ -93,7 +99,7 @@ def adapter_wgrad_kernel(
     cols = j * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < width
     HBW: tl.constexpr = HB if HB > 0 else 16
-    hid_a = tl.arange(0, HA)
+    hid_a = t * HA + tl.arange(0, HA)  # t = 0 unless the hidden rows are tiled (then HB = 0)
     hid_b = HA + tl.arange(0, HBW)
     ha_ok = hid_a < H
     hb_ok = hid_b < H
@@ -130,7 +136,8 @@ def adapter_wgrad_kernel(
              mask=ha_ok[:, None] & col_ok[None, :])
     first_col = tl.arange(0, 16)[None, :] == 0
     if up:  # db_up[cols]
-        tl.store(part + o_sum + cols, tl.sum(tl.where(first_col, sum_right, 0.0), axis=1) * mult, mask=col_ok)
+        tl.store(part + o_sum + cols, tl.sum(tl.where(first_col, sum_right, 0.0), axis=1) * mult,
+                 mask=col_ok & (t == 0))
     else:  # db_down, from slice 0 only
         tl.store(part + o_sum + hid_a, tl.sum(tl.where(first_col, sum_left_a, 0.0), axis=1), mask=ha_ok & (j == 0))
     if HB > 0:
