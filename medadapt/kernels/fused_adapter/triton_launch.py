@@ -36,7 +36,10 @@ _FWD_SHAPES = [(64, 64, 64, 8, 3, 320), (64, 64, 64, 8, 2, 320), (64, 64, 128, 8
                (128, 64, 64, 16, 3, 320), (128, 32, 64, 16, 3, 320), (128, 64, 64, 8, 3, 192),
                (128, 32, 64, 8, 4, 192)]
 _BWD_SHAPES = [(64, 64, 64, 8, 2, 320), (64, 64, 64, 8, 3, 320), (64, 64, 128, 8, 3, 256), (32, 64, 64, 4, 3, 320),
-               (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256), (64, 32, 64, 8, 3, 320)]
+               (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256), (64, 32, 64, 8, 3, 320),
+               # 64-row blocks over 16 warps: half the fp32 accumulator per thread, so the merged column loop
+               # holds hidden 256 without spilling (115 registers; 8 warps: 239), not yet timed (session 5)
+               (64, 64, 64, 16, 2, 256), (64, 32, 64, 16, 3, 256)]
 
 # Weight-gradient kernel: (BLOCK_M, BLOCK_C, num_warps, num_stages, programs per SM, widest padded hidden
 # block). Each program holds one [hidden × BLOCK_C] fp32 accumulator (dW_down or dW_upᵀ) in registers and
