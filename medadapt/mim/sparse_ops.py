@@ -79,17 +79,33 @@ def _sync_group(module: nn.Module):
     return group if torch.distributed.get_world_size(group) > 1 else None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """``Σ_ranks t`` over ``group``; its gradient is the sum of the ranks' output gradients (every rank's loss
+    depends on every rank's input through it)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def _synced_normalise(x: torch.Tensor, m: torch.Tensor, eps: float, group):
     """``_normalise`` over dim 1 of ``x (C, N)`` with sums and counts of visible entries added over the ranks of
     ``group`` (differentiable all-reduces, as ``nn.SyncBatchNorm`` does): mean first, then the centred squares."""
-    from torch.distributed.nn.functional import all_reduce
-
     local = torch.cat([(x * m).sum(1, keepdim=True), m.expand_as(x).sum(1, keepdim=True)], dim=1)
-    total = all_reduce(local, group=group)
+    total = _AllReduceSum.apply(local, group)
     count = total[:, 1:].clamp(min=1)
     mean = total[:, :1] / count
     centred = x - mean
-    var = all_reduce((centred.square() * m).sum(1, keepdim=True), group=group) / count
+    var = _AllReduceSum.apply((centred.square() * m).sum(1, keepdim=True), group) / count
     return centred * torch.rsqrt(var + eps), mean, var, count
 
 
