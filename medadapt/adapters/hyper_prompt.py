@@ -34,6 +34,7 @@ from torch import nn
 from .._optional import require
 from ..core.base import AdapterModule, AdapterWrapper, place_like
 from ..core.config import MedSAConfig
+from ..core.targets import matches
 from .bottleneck import BottleneckAdapter, hidden_width
 
 __all__ = ["HyPDecoderBlock", "HyperPromptAdapter", "apply_hyper_prompt"]
@@ -177,14 +178,16 @@ def apply_hyper_prompt(model: nn.Module, config: MedSAConfig) -> list[str]:
 
     Args:
         model: a ``Sam`` (or any module holding a ``MaskDecoder``) or a ``MaskDecoder`` itself.
-        config: uses ``mlp_ratio``, ``activation`` and ``mlp_scale``.
+        config: uses ``mlp_ratio``, ``activation`` and ``mlp_scale``; a decoder whose name matches
+            ``exclude_modules`` is skipped (``target_modules`` selects encoder blocks, not decoders).
 
     Returns:
-        Names (relative to ``model``) of the wrapped blocks. New adapters take the device and dtype of
-        the block they wrap.
+        Names (relative to ``model``) of the wrapped blocks. New adapters take the device of the block they
+        wrap, in float32 (float64 on a float64 host).
 
     Raises:
-        ValueError: no ``MaskDecoder`` in ``model``, or its blocks already carry HyP adapters.
+        ValueError: no ``MaskDecoder`` in ``model`` (or every one excluded), or its blocks already carry HyP
+            adapters.
     """
     modeling = require("segment_anything.modeling", "HyP-Adpt")
     from segment_anything.modeling.transformer import TwoWayAttentionBlock
@@ -194,6 +197,12 @@ def apply_hyper_prompt(model: nn.Module, config: MedSAConfig) -> list[str]:
     if not decoders:
         raise ValueError(f"model must be or contain a segment_anything MaskDecoder, found none in "
                          f"{type(model).__name__}")
+    if config.exclude_modules is not None:
+        kept = [(name, module) for name, module in decoders if not (name and matches(name, config.exclude_modules))]
+        if not kept:
+            raise ValueError(f"hyper_prompt=True but exclude_modules={config.exclude_modules!r} excludes every "
+                             f"mask decoder ({', '.join(name for name, _ in decoders)})")
+        decoders = kept
     wrapped: list[str] = []
     for decoder_name, decoder in decoders:
         if any(isinstance(m, HyPDecoderBlock) for m in decoder.modules()):

@@ -213,3 +213,19 @@ def test_medsa_inject_hook_save_load_remove(base_sam, tmp_path):
         ma.remove_adapters(sam)
         assert type(sam.mask_decoder.transformer.layers[0]).__name__ == "TwoWayAttentionBlock"
         assert torch.equal(decode(sam, embedding, points, boxes)[0], base)
+
+
+def test_exclude_modules_applies_to_the_mask_decoder(base_sam):
+    """Excluding the decoder with HyP-Adpt on is a contradiction, refused with the model left as it was; an
+    exclusion of encoder blocks leaves the decoder's HyP adapters in place."""
+    import medadapt as ma
+
+    sam = copy.deepcopy(base_sam)
+    before = repr(sam)
+    with pytest.raises(ValueError, match="exclude_modules"):
+        ma.inject(sam, MedSAConfig(hyper_prompt=True, exclude_modules=["mask_decoder"]))
+    assert repr(sam) == before
+    ma.inject(sam, MedSAConfig(hyper_prompt=True, exclude_modules=r"image_encoder\.blocks\.0"))
+    assert isinstance(sam.mask_decoder.transformer.layers[0], HyPDecoderBlock)
+    assert type(sam.image_encoder.blocks[0].attn).__name__ == "Attention"
+    assert type(sam.image_encoder.blocks[1].attn).__name__ == "SequentialAdapterWrapper"
