@@ -369,3 +369,18 @@ def test_broadcast_output_gradient():
     fused_adapter(x, w_down, b_down, w_up, b_up, scale=0.5, activation="gelu_tanh").sum().backward()
     for name, t in zip(LEAVES, (x, w_down, b_down, w_up, b_up)):
         torch.testing.assert_close(t.grad.double().cpu(), exact[f"d_{name}"], rtol=2e-5, atol=1e-4)
+
+
+def test_unverified_tiles_are_opt_in_and_added_once(monkeypatch):
+    """The backward kernel's tiles not yet run on a GPU stay out of its autotuning list until asked for."""
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    monkeypatch.setattr(triton_launch._bwd, "configs", list(triton_launch._bwd.configs))
+    monkeypatch.setattr(triton_launch, "_chosen", {})
+    shown = {str(c) for c in triton_launch._bwd.configs}
+    unverified = triton_launch._gpu_configs(triton_launch._BWD_SHAPES_UNVERIFIED)
+    assert not any(str(c) in shown for c in unverified)
+    before = len(triton_launch._bwd.configs)
+    triton_launch.include_unverified_tiles()
+    triton_launch.include_unverified_tiles()
+    assert len(triton_launch._bwd.configs) == before + len(unverified)

@@ -36,10 +36,11 @@ _FWD_SHAPES = [(64, 64, 64, 8, 3, 320), (64, 64, 64, 8, 2, 320), (64, 64, 128, 8
                (128, 64, 64, 16, 3, 320), (128, 32, 64, 16, 3, 320), (128, 64, 64, 8, 3, 192),
                (128, 32, 64, 8, 4, 192)]
 _BWD_SHAPES = [(64, 64, 64, 8, 2, 320), (64, 64, 64, 8, 3, 320), (64, 64, 128, 8, 3, 256), (32, 64, 64, 4, 3, 320),
-               (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256), (64, 32, 64, 8, 3, 320),
-               # 64-row blocks over 16 warps: half the fp32 accumulator per thread, so the merged column loop
-               # holds hidden 256 without spilling (115 registers; 8 warps: 239), not yet timed (session 5)
-               (64, 64, 64, 16, 2, 256), (64, 32, 64, 16, 3, 256)]
+               (128, 64, 64, 16, 3, 256), (128, 32, 64, 16, 3, 256), (64, 32, 64, 8, 3, 320)]
+# Not yet run on a GPU, so not autotuned by default: 64-row blocks over 16 warps hold half the fp32
+# accumulator per thread, and the merged column loop then keeps hidden 256 without spilling (sm_90 offline:
+# 115 registers; 8 warps: 239). ``include_unverified_tiles()`` adds them (tune_adapter.py, the CUDA tests).
+_BWD_SHAPES_UNVERIFIED = [(64, 64, 64, 16, 2, 256), (64, 32, 64, 16, 3, 256)]
 
 # Weight-gradient kernel: (BLOCK_M, BLOCK_C, num_warps, num_stages, programs per SM, widest padded hidden
 # block). Each program holds one [hidden × BLOCK_C] fp32 accumulator (dW_down or dW_upᵀ) in registers and
@@ -140,6 +141,16 @@ _wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETE
 
 
 _chosen: dict[tuple, triton.Config] = {}
+
+
+def include_unverified_tiles() -> None:
+    """Add the backward kernel's tiles not yet checked on a GPU (``_BWD_SHAPES_UNVERIFIED``) to its autotuning
+    list, for timing and testing them; idempotent."""
+    extra = [c for c in _gpu_configs(_BWD_SHAPES_UNVERIFIED) if str(c) not in {str(k) for k in _bwd.configs}]
+    if extra:
+        _bwd.configs.extend(extra)
+        _bwd.cache.clear()
+        _chosen.clear()
 
 
 def _launch(tuner, grid, shape_key: tuple, args: tuple, constexprs: dict) -> triton.Config:
