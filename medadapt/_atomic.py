@@ -11,14 +11,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "image_format"]
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to (by any library); on success it is flushed to disk
-    and renamed to ``path``, on any exception removed. The suffix is kept, so format-by-extension writers
-    (``savefig``) write the right format."""
+    and renamed to ``path``, on any exception removed. The temporary name ends in ``.tmp`` plus ``path``'s
+    suffix; writers that pick a format from the extension need it given (``savefig(..., format=...)``) when
+    ``path`` has none."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
@@ -35,6 +36,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_directory(path.parent)
 
 
+def image_format(path: str | os.PathLike) -> str:
+    """The picture format ``path``'s extension names (``"png"`` without one), for ``savefig(format=...)``."""
+    return Path(path).suffix[1:].lower() or "png"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_output`)."""
     with atomic_output(path) as tmp:
@@ -47,7 +53,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Flush ``path`` to disk (opened for writing: Windows' flush needs write access)."""
+    fd = os.open(path, os.O_RDWR)
     try:
         os.fsync(fd)
     finally:

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .._atomic import atomic_output
+from .._atomic import atomic_output, image_format
 from .._optional import require
 
 __all__ = ["save_reconstruction_png"]
@@ -36,6 +36,6 @@ def save_reconstruction_png(path: str | os.PathLike, outputs: dict[str, torch.Te
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, format=image_format(path))
     plt.close(fig)
     return os.fspath(path)

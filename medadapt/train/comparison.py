@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._atomic import atomic_output
+from .._atomic import atomic_output, image_format
 from .._optional import require
 from .job import FinetuneResult
 from .objectives import dice_sums, to_device
@@ -194,5 +194,5 @@ def save_comparison_curves(path: str | os.PathLike, results: dict[str, FinetuneR
     ax_dice.legend(fontsize=7)
     fig.tight_layout()
     with atomic_output(path) as tmp:
-        fig.savefig(os.fspath(tmp), dpi=110)
+        fig.savefig(os.fspath(tmp), dpi=110, format=image_format(path))
     plt.close(fig)

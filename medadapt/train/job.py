@@ -59,8 +59,10 @@ class FinetuneOptions:
         for name in ("steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.schedule_steps is not None and (not isinstance(self.schedule_steps, int) or self.schedule_steps < 1):
-            raise ValueError(f"schedule_steps must be an integer >= 1 or None, got {self.schedule_steps!r}")
+        if self.schedule_steps is not None and (not isinstance(self.schedule_steps, int)
+                                                or self.schedule_steps < self.steps):
+            raise ValueError(f"schedule_steps must be None or an integer >= steps ({self.steps}): the cosine would "
+                             f"reach 0 before the last step; got {self.schedule_steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in ("cosine", "constant"):

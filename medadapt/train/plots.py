@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .._atomic import atomic_output
+from .._atomic import atomic_output, image_format
 from .._optional import require
 from .loop import History
 
@@ -80,7 +80,7 @@ def save_overlays(path: str | os.PathLike, images: torch.Tensor, targets: torch.
     fig.suptitle("held-out slices: prediction filled, ground truth outlined, prompt dashed/marked", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     with atomic_output(path) as tmp:
-        fig.savefig(os.fspath(tmp), dpi=110)
+        fig.savefig(os.fspath(tmp), dpi=110, format=image_format(path))
     plt.close(fig)
 
 
@@ -112,5 +112,5 @@ def save_curves(path: str | os.PathLike, history: History, class_names: Sequence
     ax_dice.set_title("held-out Dice")
     fig.tight_layout()
     with atomic_output(path) as tmp:
-        fig.savefig(os.fspath(tmp), dpi=110)
+        fig.savefig(os.fspath(tmp), dpi=110, format=image_format(path))
     plt.close(fig)

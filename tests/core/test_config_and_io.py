@@ -202,3 +202,17 @@ def test_sam_in_bf16_keeps_identity_at_init():
 def test_missing_extra_names_it():
     with pytest.raises(ImportError, match=r"medadapt\[monai\]"):
         require("monai.no_such_module", "NIfTI loading")
+
+
+def test_atomic_picture_without_extension_is_png(tmp_path):
+    """A picture path without a suffix: the temporary name must not make matplotlib guess the format 'tmp'."""
+    pytest.importorskip("matplotlib")
+    from medadapt.train.loop import History
+    from medadapt.train.plots import save_curves
+
+    history = History()
+    history.steps, history.losses = [1, 2], [1.0, 0.5]
+    history.record_eval(0, {"dice": 0.1, "dice_per_class": [0.1]})
+    save_curves(tmp_path / "curves", history, ["wm"])
+    assert (tmp_path / "curves").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["curves"]

@@ -52,7 +52,8 @@ def test_run_finetune_needs_adapters_and_data(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", 1.5), ("lr", 0.0), ("eval_every", -1),
-                                          ("max_train_minutes", 0.0), ("schedule_steps", 0)])
+                                          ("max_train_minutes", 0.0), ("schedule_steps", 0),
+                                          ("schedule_steps", 99)])  # below the default 100 steps
 def test_bad_options(field, value):
     with pytest.raises(ValueError, match=field):
         FinetuneOptions(**{field: value})

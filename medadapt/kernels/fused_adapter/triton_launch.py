@@ -137,7 +137,8 @@ def _tuned(kernel, configs, interpreter_configs, extra_key=()):
 
 _fwd = _tuned(adapter_fwd_kernel, _gpu_configs(_FWD_SHAPES), _INTERPRETER_CONFIG)
 _bwd = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_SHAPES), _INTERPRETER_CONFIG)
-_wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG, ["PROBLEM", "HA"])
+_wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG,
+                ["PROBLEM", "HA", "HB"])  # hidden tiles (HB = 0) tuned apart from whole widths with the same HA
 
 
 _chosen: dict[tuple, triton.Config] = {}
