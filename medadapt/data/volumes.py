@@ -80,19 +80,24 @@ def _spatial_shape(image, path: Path, role: str) -> tuple[int, ...]:
 def check_volume_pair(image_path: str | os.PathLike, label_path: str | os.PathLike) -> tuple[int, int, int]:
     """Check that an image/label pair is usable; return the spatial shape.
 
+    A label on another voxel grid (other affine, and possibly another shape) is accepted with a warning: it
+    is resampled onto the image's grid when loaded.
+
     Raises:
         ValueError naming the file when it is missing, not NIfTI, not 3D, when the label's shape differs
-        from the image's, when the label has no foreground voxel (nothing > 0) or holds non-integer values.
+        from the image's on the same grid (same affine), when the label has no foreground voxel (nothing > 0)
+        or holds non-integer values.
     """
     image_path, label_path = Path(image_path), Path(label_path)
     image = _nifti_header(image_path, "image")
     label = _nifti_header(label_path, "label")
     image_shape = _spatial_shape(image, image_path, "image")
     label_shape = _spatial_shape(label, label_path, "label")
-    if image_shape != label_shape:
+    same_grid = np.allclose(image.affine, label.affine, atol=1e-3)
+    if image_shape != label_shape and same_grid:
         raise ValueError(f"label file {str(label_path)!r} has shape {label_shape}, but its image "
-                         f"{str(image_path)!r} has shape {image_shape}")
-    if not np.allclose(image.affine, label.affine, atol=1e-3):
+                         f"{str(image_path)!r} has shape {image_shape} (with the same affine)")
+    if not same_grid:
         shift = float(np.abs(image.affine - label.affine).max())
         warnings.warn(f"label file {str(label_path)!r} and image {str(image_path)!r} have different affines "
                       f"(largest difference {shift:.4g}); the label is resampled onto the image's voxel grid "

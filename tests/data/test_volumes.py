@@ -255,3 +255,18 @@ def test_ct_window_and_spacing_arguments(tmp_path):
         volume_transform_options(parser.parse_args(["--ct-window", "250", "-175"]))
     with pytest.raises(ValueError, match="--spacing"):
         volume_transform_options(parser.parse_args(["--spacing", "1", "0", "1"]))
+
+
+def test_label_on_a_coarser_grid_of_another_shape_is_resampled(tmp_path):
+    """A label at 2 mm (6³ voxels) for a 1 mm image (12³): other shape and affine, paired by world position."""
+    mask = np.zeros((12, 12, 12), np.float32)
+    mask[4:8, 2:6, 6:10] = 1.0
+    image = _write_with_affine(tmp_path / "c.nii.gz", mask * 50.0, np.eye(4))
+    coarse = np.diag([2.0, 2.0, 2.0, 1.0])
+    coarse[:3, 3] = 0.5  # voxel centres of the 2 mm grid sit between the 1 mm ones
+    label = _write_with_affine(tmp_path / "c_label.nii.gz", mask[::2, ::2, ::2].astype(np.uint8), coarse)
+    with pytest.warns(UserWarning, match="resampled"):
+        check_volume_pair(image, label)
+        (out,) = load_volume_pairs([{"image": image, "label": label}], intensity=None, crop_foreground=None)
+    assert out["label"].shape == (1, 12, 12, 12)
+    np.testing.assert_array_equal(out["label"][0], mask.astype(np.int64))
