@@ -53,3 +53,20 @@ def test_disabled_adapter_with_another_output_width_returns_zeros_of_that_width(
     assert adapter(x).shape == (3, 4)
     adapter.set_adapters_enabled(False)
     assert torch.equal(adapter(x), torch.zeros(3, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inject_into_a_sam_already_on_cuda_runs_the_fused_kernels():
+    torch.manual_seed(0)
+    model = tiny_sam(img_size=64, embed_dim=64, prompt_dim=32, depth=2).eval().cuda().to(torch.bfloat16)
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model.image_encoder(x)
+    ma.inject(model, ma.MedSAConfig(**ALL_FAMILIES))
+    assert {t.device.type for t in _adapter_tensors(model).values()} == {"cuda"}
+    out = model.image_encoder(x)
+    assert torch.equal(out, ref)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "image_encoder" in n
+               and "depth" not in n)
