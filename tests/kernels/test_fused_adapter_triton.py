@@ -384,3 +384,32 @@ def test_unverified_tiles_are_opt_in_and_added_once(monkeypatch):
     triton_launch.include_unverified_tiles()
     triton_launch.include_unverified_tiles()
     assert len(triton_launch._bwd.configs) == before + len(unverified)
+
+
+def test_weight_gradient_buffer_has_the_chosen_configurations_rows(monkeypatch):
+    """The fp32 partial-sum buffer holds as many rows as the chosen configuration writes once it is known (the
+    widest candidate's count only while the autotuner times them all), with identical gradients."""
+    import triton
+
+    from medadapt.kernels.fused_adapter import triton_launch
+
+    monkeypatch.setattr(triton_launch, "_chosen", {})
+    wide = triton.Config({"BLOCK_M": 32, "BLOCK_C": 32, "WAVES": 64}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(triton_launch._wgrad, "configs", [*triton_launch._wgrad.configs, wide])
+    launch = triton_launch._launch
+
+    def first_config_chosen(tuner, grid, shape_key, args, constexprs):  # the autotuner's choice, without timing
+        saved, tuner.configs = tuner.configs, tuner.configs[:1]
+        try:
+            return launch(tuner, grid, shape_key, args, constexprs)
+        finally:
+            tuner.configs = saved
+
+    monkeypatch.setattr(triton_launch, "_launch", first_config_chosen)
+    x, g = torch.randn(300, 40, device=DEVICE), torch.randn(300, 40, device=DEVICE)
+    h, dpre = torch.randn(300, 12, device=DEVICE), torch.randn(300, 12, device=DEVICE)
+    offsets = triton_launch.wgrad_part_offsets(40, 40, 12)
+    part1, rows1 = triton_launch._wgrad_launch(x, g, h, dpre, 0.5, 0, offsets)
+    part2, rows2 = triton_launch._wgrad_launch(x, g, h, dpre, 0.5, 0, offsets)
+    assert rows1 == rows2 == part2.shape[0] < part1.shape[0]  # the wide candidate's rows only the first time
+    assert torch.equal(part1[:rows1], part2)

@@ -135,8 +135,13 @@ def _tuned(kernel, configs, interpreter_configs, extra_key=()):
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
-_fwd = _tuned(adapter_fwd_kernel, _gpu_configs(_FWD_SHAPES), _INTERPRETER_CONFIG)
-_bwd = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_SHAPES), _INTERPRETER_CONFIG)
+# Every flag that changes the compiled code is part of the autotuning key (Triton's autotuner keys on the named
+# arguments only): a kernel with other flags (merged loop, stores, activation) is timed afresh, not given the
+# tile chosen for another variant.
+_fwd = _tuned(adapter_fwd_kernel, _gpu_configs(_FWD_SHAPES), _INTERPRETER_CONFIG,
+              ["ACT", "HAS_BD", "HAS_BU", "HAS_RES"])
+_bwd = _tuned(adapter_bwd_kernel, _gpu_configs(_BWD_SHAPES), _INTERPRETER_CONFIG,
+              ["ACT", "HAS_BD", "STORE_H", "ONES_COLUMN", "STORE_DPRE", "GATE_FP16", "MERGED_LOOP"])
 _wgrad = _tuned(adapter_wgrad_kernel, _wgrad_configs(_WGRAD_SHAPES), _INTERPRETER_WGRAD_CONFIG,
                 ["PROBLEM", "HA", "HB"])  # hidden tiles (HB = 0) tuned apart from whole widths with the same HA
 
@@ -154,6 +159,11 @@ def include_unverified_tiles() -> None:
         _chosen.clear()
 
 
+def _launch_key(tuner, shape_key: tuple, dtypes: tuple, constexprs: dict) -> tuple:
+    """What ``_launch`` remembers a chosen configuration by: kernel, tuning key, tensor dtypes, flags."""
+    return id(tuner), shape_key, dtypes, tuple(constexprs.values())
+
+
 def _launch(tuner, grid, shape_key: tuple, args: tuple, constexprs: dict) -> triton.Config:
     """Launch an autotuned kernel over ``grid(meta)`` programs; returns the configuration it ran.
 
@@ -161,8 +171,7 @@ def _launch(tuner, grid, shape_key: tuple, args: tuple, constexprs: dict) -> tri
     flags; later calls launch the plain JIT function with the configuration it chose, skipping the
     autotuner's per-call bookkeeping (on an H100 host that cost more time than the kernel itself).
     """
-    key = (id(tuner), shape_key, tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
-           tuple(constexprs.values()))
+    key = _launch_key(tuner, shape_key, tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), constexprs)
     config = _chosen.get(key)
     if config is None:
         tuner[grid](*args, **constexprs)
@@ -324,13 +333,21 @@ def _wgrad_launch(x2, grad2, h, dpre, scale, problem: int, offsets: tuple[int, i
         return max(1, min(_cdiv(M, meta["BLOCK_M"]), meta["WAVES"] * sms // (slices(meta) * tiles)))
 
     o_wu, o_bu, o_bd, total = offsets
-    part = torch.empty((max(splits(c.kwargs) for c in _wgrad.configs), total), device=x2.device,
-                       dtype=torch.float32)
-    config = _launch(_wgrad, lambda meta: (slices(meta), splits(meta), tiles), (_bucket(M), C, C_out, H), (
-        x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M), o_wu, o_bu, o_bd,
-        x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0), part.stride(0),
-        float(scale),
-    ), dict(HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=_INTERPRET, PROBLEM=problem))
+    shape_key = (_bucket(M), C, C_out, H)
+    constexprs = dict(HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=_INTERPRET, PROBLEM=problem)
+
+    def args(part: torch.Tensor) -> tuple:
+        return (x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M), o_wu, o_bu, o_bd,
+                x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0),
+                part.stride(0), float(scale))
+
+    # one row per row chunk: as many as the chosen configuration uses once it is known (the buffer is
+    # 1.2 MB per row at ViT-B), as many as the widest candidate while the autotuner times them all
+    dtypes = (x2.dtype, grad2.dtype, h.dtype, dpre.dtype, torch.float32)  # the tensors of args(part), in order
+    chosen = _chosen.get(_launch_key(_wgrad, shape_key, dtypes, constexprs))
+    rows = splits(chosen.kwargs) if chosen is not None else max(splits(c.kwargs) for c in _wgrad.configs)
+    part = torch.empty((rows, total), device=x2.device, dtype=torch.float32)
+    config = _launch(_wgrad, lambda meta: (slices(meta), splits(meta), tiles), shape_key, args(part), constexprs)
     return part, splits(config.kwargs)
 
 
