@@ -15,11 +15,11 @@ __all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "image_fo
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, mode: int = 0o666) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to (by any library); on success it is flushed to disk
     and renamed to ``path``, on any exception removed. The temporary name ends in ``.tmp`` plus ``path``'s
     suffix; writers that pick a format from the extension need it given (``savefig(..., format=...)``) when
-    ``path`` has none."""
+    ``path`` has none. The file gets ``mode`` less the umask (0o755 for a shared library)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
@@ -28,7 +28,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_file(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
+        os.chmod(tmp, mode & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

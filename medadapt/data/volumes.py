@@ -222,9 +222,12 @@ def build_volume_transforms(pixdim: Sequence[float] | None = None, orientation: 
     return transforms.Compose(steps)
 
 
-def load_volume_pairs(pairs: Sequence[dict[str, str]], **transform_kwargs) -> list[dict[str, np.ndarray]]:
+def load_volume_pairs(pairs: Sequence[dict[str, str]], check: bool = True,
+                      **transform_kwargs) -> list[dict[str, np.ndarray]]:
     """Check and load pairs: ``[{"image": float32 (1, X, Y, Z), "label": int64 (1, X, Y, Z), ...}]``.
 
+    ``check=False`` skips :func:`check_volume_pair` for pairs that were checked already (those from
+    :func:`pairs_from_arguments`, :func:`find_volume_pairs` or ``resolve_volume_pairs``): it reads every label.
     ``transform_kwargs`` go to :func:`build_volume_transforms`. The file names are kept under
     ``image_path`` / ``label_path``. A label with another affine than its image is resampled onto the
     image's voxel grid first (nearest neighbour), so both pair voxels at the same world position.
@@ -236,7 +239,8 @@ def load_volume_pairs(pairs: Sequence[dict[str, str]], **transform_kwargs) -> li
     transform = build_volume_transforms(**transform_kwargs)
     volumes = []
     for pair in pairs:
-        check_volume_pair(pair["image"], pair["label"])
+        if check:
+            check_volume_pair(pair["image"], pair["label"])
         data = transform({"image": pair["image"], "label": pair["label"]})
         image = np.asarray(data["image"], dtype=np.float32)
         label = np.rint(np.asarray(data["label"])).astype(np.int64)

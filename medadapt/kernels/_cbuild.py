@@ -17,8 +17,9 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+
+from .._atomic import atomic_output
 
 __all__ = ["cache_dir", "find_compiler", "load_library", "build_error"]
 
@@ -69,18 +70,11 @@ def build_error(name: str) -> str | None:
 def _compile(compiler: str, args: list[str], src: Path, target: Path) -> None:
     """Compile into a temporary file beside ``target``, then rename it into place (atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        run = subprocess.run([compiler, *args, "-o", tmp, str(src), "-lm"], capture_output=True, text=True,
+    with atomic_output(target, mode=0o755) as tmp:
+        run = subprocess.run([compiler, *args, "-o", str(tmp), str(src), "-lm"], capture_output=True, text=True,
                              timeout=300)
         if run.returncode != 0:
             raise OSError(f"{compiler} {' '.join(args)} failed: {run.stderr.strip()[-400:]}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @functools.cache

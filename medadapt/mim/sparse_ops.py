@@ -28,12 +28,17 @@ VISIBLE_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.InstanceNorm
 PER_VOXEL_NORM_TYPES: tuple[type[nn.Module], ...] = (LayerNorm3d,)
 
 
-def _normalise(x: torch.Tensor, m: torch.Tensor, reduce_dims: tuple[int, ...], eps: float):
-    """Normalise ``x`` with mean/biased variance over visible entries along ``reduce_dims``."""
-    count = m.expand_as(x).sum(reduce_dims, keepdim=True).clamp(min=1)
-    mean = (x * m).sum(reduce_dims, keepdim=True) / count
+def _normalise(x: torch.Tensor, m: torch.Tensor, reduce_dims: tuple[int, ...], eps: float, group=None):
+    """Normalise ``x`` with mean/biased variance over visible entries along ``reduce_dims``; with a process
+    ``group`` the counts and sums are added over its ranks (differentiable all-reduces, as ``nn.SyncBatchNorm``
+    does): mean first, then the centred squares."""
+    def pooled(t: torch.Tensor) -> torch.Tensor:
+        return t if group is None else _AllReduceSum.apply(t, group)
+
+    count = pooled(m.expand_as(x).sum(reduce_dims, keepdim=True)).clamp(min=1)
+    mean = pooled((x * m).sum(reduce_dims, keepdim=True)) / count
     centred = x - mean
-    var = (centred.square() * m).sum(reduce_dims, keepdim=True) / count
+    var = pooled((centred.square() * m).sum(reduce_dims, keepdim=True)) / count
     return centred * torch.rsqrt(var + eps), mean, var, count
 
 
@@ -97,29 +102,13 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-def _synced_normalise(x: torch.Tensor, m: torch.Tensor, eps: float, group):
-    """``_normalise`` over dim 1 of ``x (C, N)`` with sums and counts of visible entries added over the ranks of
-    ``group`` (differentiable all-reduces, as ``nn.SyncBatchNorm`` does): mean first, then the centred squares."""
-    local = torch.cat([(x * m).sum(1, keepdim=True), m.expand_as(x).sum(1, keepdim=True)], dim=1)
-    total = _AllReduceSum.apply(local, group)
-    count = total[:, 1:].clamp(min=1)
-    mean = total[:, :1] / count
-    centred = x - mean
-    var = _AllReduceSum.apply((centred.square() * m).sum(1, keepdim=True), group) / count
-    return centred * torch.rsqrt(var + eps), mean, var, count
-
-
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     channels = x.shape[1]
     use_batch_stats = module.training or not module.track_running_stats
     if use_batch_stats:
         xf = x.transpose(0, 1).reshape(channels, -1)
         mf = m.transpose(0, 1).reshape(1, -1).to(x.dtype)
-        group = _sync_group(module)
-        if group is not None:
-            y, mean, var, count = _synced_normalise(xf, mf, module.eps, group)
-        else:
-            y, mean, var, count = _normalise(xf, mf, (1,), module.eps)
+        y, mean, var, count = _normalise(xf, mf, (1,), module.eps, _sync_group(module))
         y = y.view(channels, x.shape[0], *x.shape[2:]).transpose(0, 1)
         if module.training and module.track_running_stats:
             _update_running(module, mean.flatten(), (var * count / (count - 1).clamp(min=1)).flatten())

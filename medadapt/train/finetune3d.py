@@ -151,7 +151,7 @@ def prepare_data(args: argparse.Namespace, img_size: int) -> VolumeData:
     if not 0.0 < args.held_out_fraction < 1.0:
         raise ValueError(f"--held-out-fraction must be in (0, 1), got {args.held_out_fraction}")
     pairs, bundled = volume_pairs_from_args(args)
-    volumes = load_volume_pairs(pairs, **volume_transform_options(args))
+    volumes = load_volume_pairs(pairs, check=False, **volume_transform_options(args))  # checked when resolved
     found = label_classes(volumes)
     classes = sorted(set(args.classes)) if args.classes else found
     missing = [c for c in classes if c not in found]

@@ -335,19 +335,17 @@ def _wgrad_launch(x2, grad2, h, dpre, scale, problem: int, offsets: tuple[int, i
     o_wu, o_bu, o_bd, total = offsets
     shape_key = (_bucket(M), C, C_out, H)
     constexprs = dict(HA=ha, HB=hb, PRECISION=_precision(x2.dtype), UPCAST=_INTERPRET, PROBLEM=problem)
-
-    def args(part: torch.Tensor) -> tuple:
-        return (x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M), o_wu, o_bu, o_bd,
-                x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0),
-                part.stride(0), float(scale))
-
     # one row per row chunk: as many as the chosen configuration uses once it is known (the buffer is
     # 1.2 MB per row at ViT-B), as many as the widest candidate while the autotuner times them all
-    dtypes = (x2.dtype, grad2.dtype, h.dtype, dpre.dtype, torch.float32)  # the tensors of args(part), in order
+    dtypes = (x2.dtype, grad2.dtype, h.dtype, dpre.dtype, torch.float32)  # the tensor arguments below, in order
     chosen = _chosen.get(_launch_key(_wgrad, shape_key, dtypes, constexprs))
     rows = splits(chosen.kwargs) if chosen is not None else max(splits(c.kwargs) for c in _wgrad.configs)
     part = torch.empty((rows, total), device=x2.device, dtype=torch.float32)
-    config = _launch(_wgrad, lambda meta: (slices(meta), splits(meta), tiles), shape_key, args(part), constexprs)
+    config = _launch(_wgrad, lambda meta: (slices(meta), splits(meta), tiles), shape_key, (
+        x2, grad2, h, dpre, part, M, C, H, C_out, _bucket(M), o_wu, o_bu, o_bd,
+        x2.stride(0), x2.stride(1), grad2.stride(0), grad2.stride(1), h.stride(0), dpre.stride(0), part.stride(0),
+        float(scale),
+    ), constexprs)
     return part, splits(config.kwargs)
 
 
