@@ -58,9 +58,21 @@ def _demo(argv: list[str]) -> int:
     return _call(DEMO_JOB, "the demo job", argv, "medadapt demo")
 
 
+def _split_3d_flag(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether ``--3d`` is given as an option, and argv without it.
+
+    Only tokens before a ``--`` separator are options; after it ``--3d`` is an ordinary argument and stays
+    (argparse never takes a bare ``--3d`` as another option's value, so this is the only other place).
+    """
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [i for i in range(end) if argv[i] == "--3d"]
+    return bool(flags), [a for i, a in enumerate(argv) if i not in flags]
+
+
 def _finetune(argv: list[str]) -> int:
-    if "--3d" in argv:
-        return _call(FINETUNE_3D_JOB, "the 3D fine-tune", [a for a in argv if a != "--3d"], "medadapt finetune --3d")
+    is_3d, rest = _split_3d_flag(argv)
+    if is_3d:
+        return _call(FINETUNE_3D_JOB, "the 3D fine-tune", rest, "medadapt finetune --3d")
     return _call(FINETUNE_2D_JOB, "the 2D fine-tune", argv, "medadapt finetune")
 
 

@@ -113,3 +113,13 @@ def test_example_script_runs_with_point_prompts(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(ROOT / "examples" / "finetune_sam2d.py"), run_name="__main__")
     assert "finetune_sam2d point] held-out Dice" in capsys.readouterr().out
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "overlays.png").is_file()
+
+
+def test_3d_flag_is_an_option_only_before_the_separator(monkeypatch):
+    calls = []
+    monkeypatch.setattr("medadapt.cli._call", lambda target, what, argv, prog: calls.append((target, argv)) or 0)
+    main(["finetune", "--epochs", "2", "--3d", "--out", "run"])
+    main(["finetune", "--out", "run", "--", "--3d"])
+    from medadapt.cli import FINETUNE_2D_JOB, FINETUNE_3D_JOB
+    assert calls == [(FINETUNE_3D_JOB, ["--epochs", "2", "--out", "run"]),
+                     (FINETUNE_2D_JOB, ["--out", "run", "--", "--3d"])]
