@@ -1,4 +1,4 @@
-"""The ``medadapt`` command: ``demo``, ``finetune``, ``pretrain`` and ``bench``.
+"""The ``medadapt`` command: ``demo``, ``finetune``, ``segment``, ``pretrain`` and ``bench``.
 
 Each subcommand hands its own arguments to a job's ``main(argv)``, imported only when that subcommand
 runs (so ``medadapt --help`` needs no optional dependency). ``medadapt <command> --help`` shows the
@@ -15,17 +15,19 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["DEMO_JOB", "FINETUNE_2D_JOB", "FINETUNE_3D_JOB", "PRETRAIN_JOB", "main"]
+__all__ = ["DEMO_JOB", "FINETUNE_2D_JOB", "FINETUNE_3D_JOB", "PRETRAIN_JOB", "SEGMENT_JOB", "main"]
 
 # "module:function" of each job; `demo` is the main job with its defaults
 FINETUNE_2D_JOB = "medadapt.train.finetune2d:main"
 FINETUNE_3D_JOB = "medadapt.train.finetune3d:main"
 PRETRAIN_JOB = "medadapt.mim.pretrain:main"
+SEGMENT_JOB = "medadapt.train.segment3d:main"
 DEMO_JOB = FINETUNE_3D_JOB
 
 _COMMANDS = {
     "demo": "the main job with its defaults: 3D SAM fine-tune (SD-Trans + HyP-Adpt) on the bundled MNI152 volume",
     "finetune": "fine-tune Med-SA adapters on SAM with prompts (2D slices; --3d for volumes with SD-Trans + HyP-Adpt)",
+    "segment": "apply a 3D fine-tune (its output folder) to a NIfTI volume: a label map on the volume's grid",
     "pretrain": "MambaMIM self-supervised pretraining (medadapt.mim.pretrain)",
     "bench": "run the benchmark scripts (benchmarks/bench_*.py of a source checkout)",
 }
@@ -76,6 +78,10 @@ def _finetune(argv: list[str]) -> int:
     return _call(FINETUNE_2D_JOB, "the 2D fine-tune", argv, "medadapt finetune")
 
 
+def _segment(argv: list[str]) -> int:
+    return _call(SEGMENT_JOB, "segmentation", argv, "medadapt segment")
+
+
 def _pretrain(argv: list[str]) -> int:
     return _call(PRETRAIN_JOB, "pretraining", argv, "medadapt pretrain")
 
@@ -113,7 +119,7 @@ def _bench(argv: list[str]) -> int:
 
 
 _RUNNERS: dict[str, Callable[[list[str]], int]] = {
-    "demo": _demo, "finetune": _finetune, "pretrain": _pretrain, "bench": _bench}
+    "demo": _demo, "finetune": _finetune, "segment": _segment, "pretrain": _pretrain, "bench": _bench}
 
 
 def _top_parser() -> argparse.ArgumentParser:

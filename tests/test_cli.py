@@ -29,7 +29,7 @@ def test_top_level_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for command in ("demo", "finetune", "pretrain", "bench"):
+    for command in ("demo", "finetune", "segment", "pretrain", "bench"):
         assert command in text
 
 
@@ -43,7 +43,7 @@ def test_console_entry_imports_no_optional_dependency():
 
 
 @pytest.mark.parametrize("command, expected", [
-    ("finetune", "--prompt"), ("demo", "--checkpoint"), ("bench", "--list")])
+    ("finetune", "--prompt"), ("demo", "--checkpoint"), ("segment", "--prompt-label"), ("bench", "--list")])
 def test_subcommand_help(command, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

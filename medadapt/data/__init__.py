@@ -12,11 +12,12 @@ Importing this package needs torch and numpy only; nibabel, MONAI and nilearn ar
 """
 
 from .mni152 import TISSUE_CLASSES, TissueVolume, default_cache_dir, load_mni152_tissue, write_mni152_tissue
-from .prompts import class_masks, mask_bounding_boxes, sample_box_prompts, sample_point_prompts
+from .prompts import class_masks, interior_points, mask_bounding_boxes, sample_box_prompts, sample_point_prompts
 from .slabs import VolumeSlabDataset, split_slice_range
 from .sources import add_volume_arguments, resolve_volume_pairs, volume_pairs_from_args, volume_transform_options
 from .volumes import (
     NIFTI_SUFFIXES,
+    build_volume_preprocessing,
     build_volume_transforms,
     check_volume_pair,
     find_volume_pairs,
@@ -30,11 +31,13 @@ __all__ = [
     "TissueVolume",
     "VolumeSlabDataset",
     "add_volume_arguments",
+    "build_volume_preprocessing",
     "build_volume_transforms",
     "check_volume_pair",
     "class_masks",
     "default_cache_dir",
     "find_volume_pairs",
+    "interior_points",
     "load_mni152_tissue",
     "load_volume_pairs",
     "mask_bounding_boxes",

@@ -32,6 +32,7 @@ from .._optional import require
 
 __all__ = [
     "NIFTI_SUFFIXES",
+    "build_volume_preprocessing",
     "build_volume_transforms",
     "check_volume_pair",
     "find_volume_pairs",
@@ -177,6 +178,50 @@ def find_volume_pairs(folder: str | os.PathLike, check: bool = True) -> list[dic
     return result
 
 
+def build_volume_preprocessing(keys: Sequence[str] = ("image", "label"), pixdim: Sequence[float] | None = None,
+                               orientation: str | None = "RAS", intensity: str | None = "percentile",
+                               window: tuple[float, float] = (-175.0, 250.0),
+                               percentiles: tuple[float, float] = (0.5, 99.5), crop_foreground: str | None = "image",
+                               margin: int = 2):
+    """MONAI dictionary transforms applied to loaded volumes: ``Orientationd → Spacingd → intensity →
+    CropForegroundd``, the part of :func:`build_volume_transforms` after loading.
+
+    ``keys[0]`` is the image (bilinear, intensity-scaled, the crop's source), the other keys are class maps
+    (nearest neighbour). Every spatial step is invertible: MONAI's ``Invertd`` with this transform maps a
+    prediction made on the preprocessed image back onto the file's own voxel grid
+    (:mod:`medadapt.train.segment3d`). Options as in :func:`build_volume_transforms`.
+    """
+    transforms = require("monai.transforms", "volume transforms")
+    keys = list(keys)
+    image_key, class_keys = keys[0], keys[1:]
+    steps = []
+    if orientation:
+        steps.append(transforms.Orientationd(keys=keys, axcodes=orientation,
+                                                labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if pixdim is not None:
+        if len(pixdim) != 3 or any(float(p) <= 0 for p in pixdim):
+            raise ValueError(f"pixdim must be three positive spacings in mm, got {pixdim!r}")
+        steps.append(transforms.Spacingd(keys=keys, pixdim=tuple(float(p) for p in pixdim),
+                                         mode=["bilinear"] + ["nearest"] * len(class_keys)))
+    if intensity == "window":
+        steps.append(transforms.ScaleIntensityRanged(keys=image_key, a_min=window[0], a_max=window[1],
+                                                     b_min=0.0, b_max=1.0, clip=True))
+    elif intensity == "percentile":
+        steps.append(transforms.ScaleIntensityRangePercentilesd(keys=image_key, lower=percentiles[0],
+                                                                upper=percentiles[1], b_min=0.0, b_max=1.0,
+                                                                clip=True))
+    elif intensity is not None:
+        raise ValueError(f"intensity must be 'window', 'percentile' or None, got {intensity!r}")
+    if crop_foreground not in (None, "image", "label"):
+        raise ValueError(f"crop_foreground must be 'image', 'label' or None, got {crop_foreground!r}")
+    if crop_foreground is not None:
+        source = image_key if crop_foreground == "image" else (class_keys[0] if class_keys else None)
+        if source is None:
+            raise ValueError("crop_foreground='label' needs a class-map key besides the image")
+        steps.append(transforms.CropForegroundd(keys=keys, source_key=source, margin=margin, allow_smaller=True))
+    return transforms.Compose(steps)
+
+
 def build_volume_transforms(pixdim: Sequence[float] | None = None, orientation: str | None = "RAS",
                             intensity: str | None = "percentile",
                             window: tuple[float, float] = (-175.0, 250.0),
@@ -191,35 +236,16 @@ def build_volume_transforms(pixdim: Sequence[float] | None = None, orientation: 
     [−175, 250]), ``"percentile"`` (``ScaleIntensityRangePercentilesd``: the given percentiles
     → [0, 1], clipped; for MRI) or None. ``crop_foreground="image"`` keeps the bounding box of
     ``image > 0`` plus ``margin`` voxels, ``"label"`` that of ``label > 0``, None no crop.
+    The steps after loading are :func:`build_volume_preprocessing`.
     """
     transforms = require("monai.transforms", "volume transforms")
     keys = ["image", "label"]
-    steps = [transforms.LoadImaged(keys=keys, image_only=True),
-             transforms.EnsureChannelFirstd(keys=keys),
-             transforms.ResampleToMatchd(keys="label", key_dst="image", mode="nearest", padding_mode="zeros")]
-    if orientation:
-        steps.append(transforms.Orientationd(keys=keys, axcodes=orientation,
-                                                labels=(("L", "R"), ("P", "A"), ("I", "S"))))
-    if pixdim is not None:
-        if len(pixdim) != 3 or any(float(p) <= 0 for p in pixdim):
-            raise ValueError(f"pixdim must be three positive spacings in mm, got {pixdim!r}")
-        steps.append(transforms.Spacingd(keys=keys, pixdim=tuple(float(p) for p in pixdim),
-                                         mode=("bilinear", "nearest")))
-    if intensity == "window":
-        steps.append(transforms.ScaleIntensityRanged(keys="image", a_min=window[0], a_max=window[1],
-                                                     b_min=0.0, b_max=1.0, clip=True))
-    elif intensity == "percentile":
-        steps.append(transforms.ScaleIntensityRangePercentilesd(keys="image", lower=percentiles[0],
-                                                                upper=percentiles[1], b_min=0.0, b_max=1.0,
-                                                                clip=True))
-    elif intensity is not None:
-        raise ValueError(f"intensity must be 'window', 'percentile' or None, got {intensity!r}")
-    if crop_foreground not in (None, "image", "label"):
-        raise ValueError(f"crop_foreground must be 'image', 'label' or None, got {crop_foreground!r}")
-    if crop_foreground is not None:
-        steps.append(transforms.CropForegroundd(keys=keys, source_key=crop_foreground, margin=margin,
-                                                allow_smaller=True))
-    return transforms.Compose(steps)
+    loading = [transforms.LoadImaged(keys=keys, image_only=True),
+               transforms.EnsureChannelFirstd(keys=keys),
+               transforms.ResampleToMatchd(keys="label", key_dst="image", mode="nearest", padding_mode="zeros")]
+    preprocessing = build_volume_preprocessing(keys, pixdim, orientation, intensity, window, percentiles,
+                                               crop_foreground, margin)
+    return transforms.Compose(loading + list(preprocessing.transforms))
 
 
 def load_volume_pairs(pairs: Sequence[dict[str, str]], check: bool = True,

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._atomic import atomic_output
+from .._fingerprint import weights_fingerprint
 from .._optional import require
 
 __all__ = [
@@ -111,28 +112,6 @@ def _folder_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-_FINGERPRINT_SAMPLES = 4096  # values per tensor: a cache key for a 7B model in milliseconds, not a full hash
-
-
-def _weights_fingerprint(model: Any) -> str:
-    """SHA-256 over the names, dtypes and shapes of every tensor in ``model.state_dict()`` and the bytes of up
-    to ``_FINGERPRINT_SAMPLES`` evenly strided values of each (all of them for smaller tensors).
-
-    Other weights (another seed, a fine-tune, a merged LoRA update) differ almost everywhere, so a strided
-    sample tells them apart, while hashing every byte would take seconds per call for a multi-GB model and
-    defeat the cache. Two models differing only in values between the samples would share entries:
-    ``use_cache=False`` re-encodes.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
-        sample = flat[::step].cpu().contiguous()
-        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
-        digest.update(sample.view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def _tokenizer_identity(tokenizer: Any) -> list[Any]:
     """The tokenizer's class and vocabulary size (added tokens included)."""
     try:
@@ -159,7 +138,7 @@ def _model_identity(model_or_path: Any) -> tuple[str, str, int | None]:
                          f"got {type(model_or_path).__name__}")
     text = config.to_json_string(use_diff=False)
     name = getattr(config, "_name_or_path", "") or type(model_or_path).__name__
-    identity = hashlib.sha256(text.encode()).hexdigest() + _weights_fingerprint(model_or_path)
+    identity = hashlib.sha256(text.encode()).hexdigest() + weights_fingerprint(model_or_path)
     return name, identity, getattr(config, "num_hidden_layers", None)
 
 

@@ -23,7 +23,8 @@ busy; the comparison run then takes as many steps). Both end answering each clas
 brain (a tie): grey and white matter are interleaved and their boxes nearly coincide (mean IoU 0.75),
 so a box hardly says which class is asked, and a random encoder gives the adapters nothing to steer.
 
-Writes ``<out>/adapter/``, ``overlays.png``, ``curves.png``, ``metrics.json`` (adapted run),
+Writes ``<out>/adapter/``, ``job.json`` (what ``medadapt segment --run <out>`` rebuilds the model from:
+:mod:`medadapt.train.segment3d`), ``overlays.png``, ``curves.png``, ``metrics.json`` (adapted run),
 ``<out>/decoder_only/`` (the same for the comparison run), ``comparison.png`` and ``comparison.json``.
 ``medadapt finetune --3d``, ``examples/finetune_sam3d.py`` and ``torchrun --nproc_per_node N -m
 medadapt.train.finetune3d`` run it (DDP: gloo on CPU, NCCL on GPU).
@@ -62,6 +63,7 @@ from .distributed import DistContext, barrier, cleanup_distributed, init_distrib
 from .finetune2d import held_out_batches, random_backbone_note
 from .job import FinetuneOptions, FinetuneResult, add_training_arguments, options_from_args, run_finetune
 from .prompted import PromptedSAM
+from .run_spec import RunSpec, backbone_fingerprint
 from .sam_factory import SAM_GEOMETRIES, build_sam
 from .slab_sets import SlabSets, label_classes, slab_sets
 
@@ -177,6 +179,9 @@ def _train_arm(arm: str, args: argparse.Namespace, data: VolumeData, eval_batche
                options: FinetuneOptions, ctx: DistContext, out: Path, img_size: int, log: Callable[[str], None]
                ) -> tuple[nn.Module, FinetuneResult]:
     sam = build_sam(args.arch, img_size, args.checkpoint, seed=args.seed)
+    spec = RunSpec(arch=args.arch, img_size=img_size, depth=args.depth, prompt=args.prompt, classes=data.classes,
+                   class_names=data.class_names, seed=args.seed, checkpoint=args.checkpoint,
+                   backbone_fingerprint=backbone_fingerprint(sam), volume_options=volume_transform_options(args))
     inject(sam, arm_config(arm, args.depth, args.mlp_ratio))
     sam.to(ctx.device)
     collate = PromptCollate(data.classes, args.prompt, jitter=0.1, seed=args.seed + 1000 * (ctx.rank + 1))
@@ -184,6 +189,8 @@ def _train_arm(arm: str, args: argparse.Namespace, data: VolumeData, eval_batche
     backbone = "random" if args.checkpoint is None else os.path.basename(args.checkpoint)
     result = run_finetune(sam, data.sets.train, collate, eval_batches, out, data.class_names, options, ctx,
                           backbone=backbone, name=name, log=log)
+    if ctx.is_main:
+        spec.save(out)  # what `medadapt segment --run` rebuilds the model from
     return sam, result
 
 

@@ -23,10 +23,14 @@ def _pyplot():
     return require("matplotlib.pyplot", "the fine-tune figures")
 
 
+OVERLAY_TITLE = "held-out slices: prediction filled, ground truth outlined, prompt dashed/marked"
+
+
 def save_overlays(path: str | os.PathLike, images: torch.Tensor, targets: torch.Tensor,
                   predictions: Mapping[str, torch.Tensor], class_names: Sequence[str],
                   boxes: torch.Tensor | None = None, points: torch.Tensor | None = None,
-                  point_labels: torch.Tensor | None = None, dice: Mapping[str, Sequence[float]] | None = None) -> None:
+                  point_labels: torch.Tensor | None = None, dice: Mapping[str, Sequence[float]] | None = None,
+                  title: str = OVERLAY_TITLE) -> None:
     """One row per prediction set (e.g. before / after training), one column per held-out slice.
 
     Each panel: the slice in grey, the predicted mask filled (a colour per class), the ground truth as
@@ -39,6 +43,7 @@ def save_overlays(path: str | os.PathLike, images: torch.Tensor, targets: torch.
         class_names: K names for the legend.
         boxes: ``(N, K, 4)`` xyxy prompts; points ``(N, K, P, 2)`` and point_labels ``(N, K, P)``.
         dice: name → per-slice Dice shown in the panel titles.
+        title: the figure's title.
     """
     plt = _pyplot()
     from matplotlib.colors import to_rgb
@@ -77,7 +82,7 @@ def save_overlays(path: str | os.PathLike, images: torch.Tensor, targets: torch.
             ax.axis("off")
     handles = [plt.Line2D([], [], color=_COLOURS[c % len(_COLOURS)], lw=3) for c in range(k)]
     fig.legend(handles, list(class_names), loc="lower center", ncol=min(k, 6), fontsize=8, frameon=False)
-    fig.suptitle("held-out slices: prediction filled, ground truth outlined, prompt dashed/marked", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     with atomic_output(path) as tmp:
         fig.savefig(os.fspath(tmp), dpi=110, format=image_format(path))

@@ -105,3 +105,23 @@ def test_bad_arguments():
         sample_box_prompts(label_map(), [])
     with pytest.raises(ValueError, match="generator"):
         sample_box_prompts(label_map(), [1], generator="seed")
+
+
+def test_interior_points_take_the_deepest_pixel_nearest_the_centre():
+    from medadapt.data.prompts import interior_points
+
+    masks = torch.zeros(2, 3, 9, 11, dtype=torch.bool)
+    masks[0, 0, 2:7, 1:10] = True  # 5 x 9 rectangle: deepest row 4, columns 3..7 -> the centre column 5
+    masks[0, 1, :, 0:3] = True  # a strip on the slice border: the border counts as outside
+    ring = torch.zeros(9, 11, dtype=torch.bool)
+    ring[1:8, 1:10] = True
+    ring[3:6, 3:8] = False
+    masks[1, 0] = ring
+    xy, present = interior_points(masks)
+    assert xy[0, 0].tolist() == [5.0, 4.0] and xy[0, 1].tolist() == [1.0, 4.0]
+    x, y = (int(v) for v in xy[1, 0])
+    assert ring[y, x]  # on the ring, not in its hole
+    assert present.tolist() == [[True, True, False], [True, False, False]] and xy[1, 1].tolist() == [0.0, 0.0]
+    single = torch.zeros(1, 4, 4, dtype=torch.bool)
+    single[0, 3, 0] = True
+    assert interior_points(single)[0].tolist() == [[0.0, 3.0]]

@@ -164,9 +164,9 @@ def test_tiny_job_on_user_volumes_through_the_cli(tmp_path, capsys):
     assert printed[-1].startswith("[finetune-3d tiny@32 D=2 box] held-out Dice (class_1/class_2) after 2 steps: "
                                   "encoder adapters ") and " vs decoder-only " in printed[-1]
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "comparison.json", "comparison.png", "curves.png",
-                                                     "decoder_only", "metrics.json", "overlays.png"]
-    assert sorted(p.name for p in (out / "decoder_only").iterdir()) == ["adapter", "curves.png", "metrics.json",
-                                                                        "overlays.png"]
+                                                     "decoder_only", "job.json", "metrics.json", "overlays.png"]
+    assert sorted(p.name for p in (out / "decoder_only").iterdir()) == ["adapter", "curves.png", "job.json",
+                                                                        "metrics.json", "overlays.png"]
     for png in ("curves.png", "overlays.png", "comparison.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     record = json.loads((out / "comparison.json").read_text())

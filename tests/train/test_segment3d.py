@@ -1,0 +1,167 @@
+"""`medadapt segment`: slab tiling, prompts per slice, the inverse preprocessing back onto the file's grid,
+the run spec (job.json) and its backbone check, and a tiny train-then-segment run."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medadapt.cli import main as cli_main
+from medadapt.train.run_spec import JOB_FILE, RunSpec, load_run, read_run_spec
+from medadapt.train.segment3d import box_prompt_map, predict_label_map, segment_file, slab_starts
+
+# voxel axes permuted and flipped against RAS, anisotropic: the preprocessing reorients and crops
+AFFINE = np.array([[0.0, -2.0, 0.0, 30.0], [1.5, 0.0, 0.0, -12.0], [0.0, 0.0, -2.5, 8.0], [0.0, 0.0, 0.0, 1.0]])
+SHAPE = (19, 14, 11)
+
+
+class BoxEcho(nn.Module):
+    """Answers each box prompt with exactly the box: logits +5 inside, -5 outside, at the label size."""
+
+    def forward(self, batch: dict) -> dict:
+        boxes = batch["boxes"]  # (1, D, K, 4) xyxy on the label grid
+        h, w = batch["label_size"]
+        ys = torch.arange(h).view(h, 1)
+        xs = torch.arange(w).view(1, w)
+        x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))
+        inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+        return {"logits": torch.where(inside, 5.0, -5.0)}
+
+
+def _spec(**changes) -> RunSpec:
+    values = dict(arch="tiny", img_size=32, depth=3, prompt="box", classes=[1, 2], class_names=["a", "b"], seed=0)
+    values.update(changes)
+    return RunSpec(**values)
+
+
+def _image(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image = np.zeros(SHAPE, dtype=np.float32)
+    image[2:-2, 2:-2, 1:-1] = 0.5 + rng.random((SHAPE[0] - 4, SHAPE[1] - 4, SHAPE[2] - 2))
+    nib.save(nib.Nifti1Image(image, AFFINE), str(path))
+
+
+def test_slab_starts_cover_every_slice_once_from_the_front():
+    assert slab_starts(9, 3) == [0, 3, 6]
+    assert slab_starts(10, 3) == [0, 3, 6, 7]
+    assert slab_starts(3, 3) == [0] and slab_starts(5, 1) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="fewer than the run's slab depth 4"):
+        slab_starts(3, 4)
+
+
+def test_box_prompt_map_fills_inclusive_boxes_and_names_bad_ones():
+    prompt = box_prompt_map((5, 6, 7), [(1, 0, 1, 2, 2, 3, 4), (2, 2, 2, 2, 4, 5, 6)])
+    assert (prompt == 1).sum() == 3 * 3 * 3 - 1 * 2 * 3 and prompt[2, 2, 2] == 2 and (prompt == 2).sum() == 3 * 4 * 5
+    with pytest.raises(ValueError, match="box 0: corners"):
+        box_prompt_map((5, 6, 7), [(1, 0, 0, 0, 5, 1, 1)])
+    with pytest.raises(ValueError, match="box 1: class must be > 0"):
+        box_prompt_map((5, 6, 7), [(1, 0, 0, 0, 1, 1, 1), (0, 0, 0, 0, 1, 1, 1)])
+
+
+def test_a_perfect_box_answer_comes_back_exactly_on_the_files_grid(tmp_path):
+    """Reorientation, crop, slab tiling (D = 3 does not divide the slices), the in-plane turn and the inverse
+    transforms: a model answering each box with the box itself gives back the prompt map voxel for voxel."""
+    _image(tmp_path / "img.nii.gz")
+    boxes = [(1, 3, 3, 1, 9, 8, 8), (2, 10, 5, 3, 15, 10, 9)]
+    result = segment_file(BoxEcho(), _spec(), tmp_path / "img.nii.gz", tmp_path / "out" / "seg.nii.gz", boxes=boxes,
+                          overlays=tmp_path / "out" / "overlays.png")
+    written = nib.load(str(result.output))
+    np.testing.assert_allclose(written.affine, AFFINE)
+    assert written.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(np.asarray(written.dataobj), box_prompt_map(SHAPE, boxes))
+    assert result.voxels_per_class == {"a": 7 * 6 * 8, "b": 6 * 6 * 7} and result.overlays.stat().st_size > 0
+
+
+def test_a_prompt_label_on_another_grid_and_the_reference_dice(tmp_path):
+    _image(tmp_path / "img.nii.gz")
+    truth = box_prompt_map(SHAPE, [(2, 4, 4, 2, 12, 9, 8)])
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += AFFINE[:3, 0]  # the label's voxel i is the image's voxel i + 1 along x
+    nib.save(nib.Nifti1Image(np.roll(truth, -1, axis=0).astype(np.uint8), shifted), str(tmp_path / "lab.nii.gz"))
+    nib.save(nib.Nifti1Image(truth.astype(np.uint8), AFFINE), str(tmp_path / "ref.nii.gz"))
+    result = segment_file(BoxEcho(), _spec(), tmp_path / "img.nii.gz", tmp_path / "seg.nii", tmp_path / "lab.nii.gz",
+                          reference=tmp_path / "ref.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "seg.nii")).dataobj), truth)
+    assert result.dice_per_class == {"a": 1.0, "b": 1.0}  # class a: absent from both
+
+
+def test_classes_without_a_prompt_in_a_slice_are_not_predicted_there():
+    spec = _spec(depth=2, axis=2, quarter_turns=0)
+
+    class Everywhere(nn.Module):
+        def forward(self, batch):
+            d, k = batch["boxes"].shape[1:3]
+            return {"logits": torch.arange(1.0, k + 1).view(1, 1, k, 1, 1).expand(1, d, k, *batch["label_size"])}
+
+    prompt = torch.zeros(4, 5, 3, dtype=torch.long)
+    prompt[1, 1, 0] = 1
+    prompt[2, 2, 1] = 2
+    prompt[3, 3, 1] = 1
+    label = predict_label_map(Everywhere(), torch.rand(4, 5, 3), prompt, spec)
+    # slice 0: only class 1 prompted -> 1 everywhere; slice 1: both -> the higher logit (class 2); slice 2: none
+    assert (label[..., 0] == 1).all() and (label[..., 1] == 2).all() and (label[..., 2] == 0).all()
+
+
+def test_run_spec_round_trip_and_refusals(tmp_path):
+    spec = _spec(volume_options={"intensity": "window", "window": (-175.0, 250.0), "pixdim": (1.0, 1.0, 2.0)})
+    spec.save(tmp_path)
+    assert read_run_spec(tmp_path) == spec
+    record = json.loads((tmp_path / JOB_FILE).read_text())
+    with pytest.raises(ValueError, match="has no job.json"):
+        read_run_spec(tmp_path / "elsewhere")
+    (tmp_path / JOB_FILE).write_text(json.dumps({**record, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        read_run_spec(tmp_path)
+    (tmp_path / JOB_FILE).write_text(json.dumps({**record, "colour": "red"}))
+    with pytest.raises(ValueError, match="unknown fields"):
+        read_run_spec(tmp_path)
+    (tmp_path / JOB_FILE).write_text(json.dumps({**record, "prompt": "scribble"}))
+    with pytest.raises(ValueError, match="prompt must be 'box' or 'point'"):
+        read_run_spec(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", ["box", "point"])
+def test_train_then_segment_from_the_command_line(tmp_path, prompt):
+    from test_finetune3d import TINY, _write_pair
+
+    image, label = _write_pair(tmp_path / "data", slices=12)
+    run = tmp_path / "run"
+    assert cli_main(["demo", *TINY, "--prompt", prompt, "--image", image, "--label", label, "--out", str(run),
+                     "--no-compare"]) == 0
+    spec = read_run_spec(run)
+    assert (spec.prompt, spec.classes, spec.depth, spec.arch) == (prompt, [1, 2], 2, "tiny")
+    out = tmp_path / "seg" / "case_seg.nii.gz"
+    assert cli_main(["segment", "--run", str(run), "--image", image, "--prompt-label", label, "--reference", label,
+                     "--out", str(out), "--no-progress"]) == 0
+    written = nib.load(str(out))
+    assert written.shape == nib.load(image).shape and set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+    record = json.loads((tmp_path / "seg" / "case_seg.json").read_text())
+    assert set(record["dice_per_class"]) == {"class_1", "class_2"}
+    assert (tmp_path / "seg" / "case_seg_overlays.png").stat().st_size > 0
+    # the model segment rebuilt is the trained one: same adapter output as the run's own saved weights
+    sam, _ = load_run(run)
+    assert not sam.training
+
+
+def test_load_run_refuses_another_backbone(tmp_path, monkeypatch):
+    from medadapt.core.config import MedSAConfig
+    from medadapt.core.inject import inject
+    from medadapt.core.io import save_adapter
+    from medadapt.train import build_sam
+    from medadapt.train.run_spec import backbone_fingerprint
+
+    sam = build_sam("tiny", 32, seed=3)
+    spec = _spec(seed=3, backbone_fingerprint=backbone_fingerprint(sam))
+    inject(sam, MedSAConfig(modules_to_save=["mask_decoder"]))
+    save_adapter(sam, tmp_path / "adapter")
+    spec.save(tmp_path)
+    loaded, _ = load_run(tmp_path)
+    torch.testing.assert_close(loaded.state_dict(), sam.state_dict(), rtol=0, atol=0)
+    RunSpec(**{**spec.__dict__, "seed": 4}).save(tmp_path)
+    with pytest.raises(ValueError, match="rebuilt from seed 4 .* does not have the weights"):
+        load_run(tmp_path)
