@@ -75,10 +75,10 @@ def save_overlays(path: str | os.PathLike, images: torch.Tensor, targets: torch.
                     for (x, y), lab in zip(points[i, c].tolist(), point_labels[i, c].tolist()):
                         if lab >= 0:
                             ax.plot(x, y, marker="+" if lab == 1 else "x", color="yellow", markersize=7, mew=1.5)
-            title = name
+            panel = name
             if dice is not None and name in dice:
-                title += f"  Dice {dice[name][i]:.2f}"
-            ax.set_title(title, fontsize=8)
+                panel += f"  Dice {dice[name][i]:.2f}"
+            ax.set_title(panel, fontsize=8)
             ax.axis("off")
     handles = [plt.Line2D([], [], color=_COLOURS[c % len(_COLOURS)], lw=3) for c in range(k)]
     fig.legend(handles, list(class_names), loc="lower center", ncol=min(k, 6), fontsize=8, frameon=False)

@@ -167,25 +167,34 @@ def _load_on_image_grid(path: str, image, role: str) -> np.ndarray:
 
 
 def _save_overlays(path: Path, image: torch.Tensor, label: torch.Tensor, prompt_map: torch.Tensor,
-                   spec: RunSpec, count: int = 4) -> None:
+                   truth: torch.Tensor | None, spec: RunSpec, count: int = 4) -> None:
+    """``count`` slices spread over those with a prompt area of at least a quarter of the largest: the
+    prediction filled, the reference (else the prompt region) outlined, the prompt drawn."""
     from .plots import save_overlays
-
-    slices = image.movedim(spec.axis, 0)
-    labels, prompts = label.movedim(spec.axis, 0), prompt_map.movedim(spec.axis, 0)
-    with_prompt = torch.nonzero(prompts.flatten(1).gt(0).any(-1)).flatten()
-    if len(with_prompt) == 0:
-        return
-    pick = with_prompt[torch.linspace(0, len(with_prompt) - 1, min(count, len(with_prompt))).round().long().unique()]
 
     def turn(x: torch.Tensor) -> torch.Tensor:
         return torch.rot90(x, spec.quarter_turns, (-2, -1))
 
+    slices, labels, prompts = (t.movedim(spec.axis, 0) for t in (image, label, prompt_map))
+    area = torch.isin(prompts, torch.as_tensor(spec.classes)).flatten(1).sum(-1)
+    if int(area.max()) == 0:
+        return
+    candidates = torch.nonzero(area >= 0.25 * area.max()).flatten()
+    pick = candidates[torch.linspace(0, len(candidates) - 1, min(count, len(candidates))).round().long().unique()]
     prompt_masks = turn(class_masks(prompts[pick], spec.classes))
+    predicted = turn(class_masks(labels[pick], spec.classes))
+    outlined = prompt_masks if truth is None else turn(class_masks(truth.movedim(spec.axis, 0)[pick], spec.classes))
+    dice = None
+    if truth is not None:
+        inter = (predicted & outlined).flatten(2).sum(-1).double()
+        sizes = predicted.flatten(2).sum(-1).double() + outlined.flatten(2).sum(-1).double()
+        dice = {"prediction": (2 * inter / sizes.clamp(min=1)).where(sizes > 0, 1.0).mean(-1).tolist()}
     shown = _slice_prompts(prompt_masks, spec.prompt)
-    save_overlays(path, turn(slices[pick]), prompt_masks, {"prediction": turn(class_masks(labels[pick], spec.classes))},
-                  spec.class_names, boxes=shown.get("boxes", [None])[0], points=shown.get("points", [None])[0],
-                  point_labels=shown.get("point_labels", [None])[0],
-                  title="prediction filled, prompt region outlined, prompt dashed/marked")
+    what = "reference" if truth is not None else "prompt region"
+    save_overlays(path, turn(slices[pick]), outlined, {"prediction": predicted}, spec.class_names,
+                  boxes=shown.get("boxes", [None])[0], points=shown.get("points", [None])[0],
+                  point_labels=shown.get("point_labels", [None])[0], dice=dice,
+                  title=f"prediction filled, {what} outlined, prompt dashed/marked")
 
 
 def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike, output: str | os.PathLike,
@@ -220,17 +229,21 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
         image = image.reshape(1, *shape)
     prompt = (_load_on_image_grid(os.fspath(prompt_label), image, "prompt label") if prompt_label is not None
               else box_prompt_map(shape, boxes))
-    data = {"image": image, "prompt": data_mod.MetaTensor(torch.as_tensor(prompt[None]).float(), meta=dict(image.meta))}
-    preprocessing = build_volume_preprocessing(("image", "prompt"), **spec.volume_options)
+    truth = None if reference is None else _load_on_image_grid(os.fspath(reference), image, "reference")
+    data = {"image": image}
+    for key, value in (("prompt", prompt), ("reference", truth)):
+        if value is not None:
+            data[key] = data_mod.MetaTensor(torch.as_tensor(value[None]).float(), meta=dict(image.meta))
+    preprocessing = build_volume_preprocessing(list(data), **spec.volume_options)
     data = preprocessing(data)
-    pre_image, pre_prompt = data["image"][0].float(), torch.round(data["prompt"][0].as_tensor()).long()
+    pre_image = data["image"][0].as_tensor().float()
+    pre_prompt = torch.round(data["prompt"][0].as_tensor()).long()
     if not torch.isin(pre_prompt, torch.as_tensor(spec.classes)).any():
         raise ValueError(f"the prompts hold no voxel of the run's classes {spec.classes} inside the (cropped) image "
                          f"{image_path!r}: check the prompt label's values or the boxes")
     is_sam = hasattr(model, "image_encoder") and hasattr(model, "mask_decoder")
     prompted = PromptedSAM(model) if is_sam else model
-    label = predict_label_map(prompted.eval(), pre_image.as_tensor() if hasattr(pre_image, "as_tensor")
-                              else pre_image, pre_prompt, spec, device, progress)
+    label = predict_label_map(prompted.eval(), pre_image, pre_prompt, spec, device, progress)
     data["pred"] = data_mod.MetaTensor(label[None].float(), meta=dict(data["image"].meta),
                                        applied_operations=list(data["image"].applied_operations))
     inverted = transforms.Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True)(data)
@@ -247,11 +260,11 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
     atomic_write_bytes(output, gzip.compress(payload) if output.name.lower().endswith(".gz") else payload)
     voxels = {name: int((result == value).sum()) for name, value in zip(spec.class_names, spec.classes)}
     dice = None
-    if reference is not None:
-        truth = _load_on_image_grid(os.fspath(reference), image, "reference")
+    if truth is not None:
         dice = {name: _dice(result, truth, value) for name, value in zip(spec.class_names, spec.classes)}
     if overlays is not None:
-        _save_overlays(Path(overlays), pre_image, label, pre_prompt, spec)
+        pre_truth = None if truth is None else torch.round(data["reference"][0].as_tensor()).long()
+        _save_overlays(Path(overlays), pre_image, label, pre_prompt, pre_truth, spec)
     return SegmentResult(output, voxels, dice, time.monotonic() - started, Path(overlays) if overlays else None)
 
 
