@@ -27,7 +27,7 @@ DEMO_JOB = FINETUNE_3D_JOB
 _COMMANDS = {
     "demo": "the main job with its defaults: 3D SAM fine-tune (SD-Trans + HyP-Adpt) on the bundled MNI152 volume",
     "finetune": "fine-tune Med-SA adapters on SAM with prompts (2D slices; --3d for volumes with SD-Trans + HyP-Adpt)",
-    "segment": "apply a 3D fine-tune (its output folder) to a NIfTI volume: a label map on the volume's grid",
+    "segment": "apply a fine-tune (its output folder) to a NIfTI volume: a label map on the volume's grid",
     "pretrain": "MambaMIM self-supervised pretraining (medadapt.mim.pretrain)",
     "bench": "run the benchmark scripts (benchmarks/bench_*.py of a source checkout)",
 }

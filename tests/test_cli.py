@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,7 +80,8 @@ def test_tiny_2d_finetune_writes_adapter_figures_and_metrics(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "RANDOM" in printed and "before" in printed and "-> after" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "curves.png", "metrics.json", "overlays.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "curves.png", "job.json", "metrics.json",
+                                                     "overlays.png"]
     for png in ("curves.png", "overlays.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -91,6 +93,16 @@ def test_tiny_2d_finetune_writes_adapter_figures_and_metrics(tmp_path, capsys):
     ma.load_adapter(fresh, out / "adapter")  # strict: the saved adapter fits a fresh model
     trainable, _ = ma.trainable_parameters(fresh)
     assert trainable == metrics["trainable_params"]
+    # the 2D run applied to the whole volume, slice by slice, white matter prompted from the tissue label
+    mni = tmp_path.parent / "mni_cache" / "mni152"
+    image, tissue = mni / "t1_2mm.nii.gz", mni / "tissue_2mm_t0.5.nii.gz"
+    assert main(["segment", "--run", str(out), "--image", str(image), "--prompt-label", str(tissue), "--reference",
+                 str(tissue), "--out", str(tmp_path / "wm.nii.gz"), "--no-progress"]) == 0
+    import nibabel as nib
+
+    written = nib.load(str(tmp_path / "wm.nii.gz"))
+    assert written.shape == nib.load(str(image)).shape and set(np.unique(np.asarray(written.dataobj))) <= {0, 2}
+    assert "white_matter" in json.loads((tmp_path / "wm.json").read_text())["dice_per_class"]
 
 
 def test_bench_lists_and_runs_the_finetune_benchmark(tmp_path, capsys):

@@ -26,6 +26,7 @@ from ..data import TISSUE_CLASSES, VolumeSlabDataset, split_slice_range, write_m
 from .batches import PromptCollate
 from .distributed import DistContext, cleanup_distributed, init_distributed
 from .job import FinetuneOptions, FinetuneResult, add_training_arguments, options_from_args, run_finetune
+from .run_spec import RunSpec, backbone_fingerprint
 from .sam_factory import SAM_GEOMETRIES, build_sam
 
 __all__ = ["AxialSlices", "DEFAULTS", "add_model_arguments", "build_parser", "held_out_batches", "main",
@@ -138,16 +139,23 @@ def run(args: argparse.Namespace, ctx: DistContext | None = None, log=print) -> 
     if ctx.is_main and args.checkpoint is None:
         log(random_backbone_note(args.arch, img_size))
     sam = build_sam(args.arch, img_size, args.checkpoint, seed=args.seed)
+    label_class = 2
+    classes, names = [label_class], [TISSUE_CLASSES[label_class]]
+    # the slices come straight from the cached NIfTI (already in [0, 1], RAS): no preprocessing to repeat
+    spec = RunSpec(arch=args.arch, img_size=img_size, depth=1, prompt=args.prompt, classes=classes, class_names=names,
+                   seed=args.seed, checkpoint=args.checkpoint, backbone_fingerprint=backbone_fingerprint(sam),
+                   volume_options={"orientation": None, "intensity": None, "crop_foreground": None}, job="finetune2d")
     inject(sam, MedSAConfig(mlp_ratio=args.mlp_ratio, modules_to_save=["mask_decoder"]))
     sam.to(ctx.device)
-    label_class = 2
     train_set, held_set = mni152_slice_sets(img_size, label_class, cache_dir=args.cache_dir)
-    classes, names = [label_class], [TISSUE_CLASSES[label_class]]
     train_collate = PromptCollate(classes, args.prompt, jitter=0.1, seed=args.seed + 1000 * (ctx.rank + 1))
     eval_batches = held_out_batches(held_set, PromptCollate(classes, args.prompt, jitter=0.0, seed=args.seed))
     backbone = "random" if args.checkpoint is None else os.path.basename(args.checkpoint)
-    return run_finetune(sam, train_set, train_collate, eval_batches, args.out, names, options, ctx,
-                        backbone=backbone, name=f"finetune-2d {args.arch}@{img_size} {args.prompt}", log=log)
+    result = run_finetune(sam, train_set, train_collate, eval_batches, args.out, names, options, ctx,
+                          backbone=backbone, name=f"finetune-2d {args.arch}@{img_size} {args.prompt}", log=log)
+    if ctx.is_main:
+        spec.save(args.out)  # `medadapt segment --run` applies the run to a volume slice by slice
+    return result
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

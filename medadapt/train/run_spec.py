@@ -1,6 +1,7 @@
-"""What a 3D fine-tune needs to be applied again: ``<run>/job.json``, and the model it rebuilds.
+"""What a fine-tune needs to be applied again: ``<run>/job.json``, and the model it rebuilds.
 
-The 3D job (:mod:`medadapt.train.finetune3d`) writes a :class:`RunSpec` beside each run's ``adapter/``:
+The 3D job (:mod:`medadapt.train.finetune3d`) and the 2D one (depth 1) write a :class:`RunSpec` beside each
+run's ``adapter/``:
 SAM's geometry and input size, the slab depth, the prompt kind, the classes, the volume preprocessing
 (intensity scaling, spacing) and the slab orientation, and a fingerprint of the frozen backbone's weights.
 :func:`load_run` rebuilds SAM (the same random initialisation from the seed, or the checkpoint), checks
@@ -90,7 +91,7 @@ def read_run_spec(run_dir: str | os.PathLike) -> RunSpec:
     path = Path(run_dir) / JOB_FILE
     if not path.is_file():
         raise ValueError(f"run folder {str(run_dir)!r} has no {JOB_FILE}: expected the output folder of "
-                         "`medadapt demo` / `medadapt finetune --3d` (or its decoder_only/ subfolder)")
+                         "`medadapt demo` / `medadapt finetune [--3d]` (or its decoder_only/ subfolder)")
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -1,10 +1,10 @@
-"""Apply a 3D fine-tune to a new volume: a label map on the volume's own voxel grid, written as NIfTI.
+"""Apply a fine-tune to a new volume: a label map on the volume's own voxel grid, written as NIfTI.
 
     medadapt segment --run runs/finetune3d --image case.nii.gz --prompt-label rough.nii.gz --out case_seg.nii.gz
     medadapt segment --run runs/finetune3d --image case.nii.gz --box 1 40 52 30 70 90 61 --reference seg.nii.gz
 
-The run folder's ``job.json`` (:mod:`medadapt.train.run_spec`) says how to rebuild the model and how its
-training volumes were prepared; the new volume gets the same preprocessing (orientation, spacing, intensity
+The run folder's ``job.json`` (:mod:`medadapt.train.run_spec`; written by the 3D job and by the 2D one, whose
+"slabs" are single slices) says how to rebuild the model and how its training volumes were prepared; the new volume gets the same preprocessing (orientation, spacing, intensity
 scaling, foreground crop: :func:`~medadapt.data.build_volume_preprocessing`). SAM needs a prompt per slice
 and class, as in training: from a prompt label (a class map on the image's grid or another one: a coarse
 mask, another tool's output, or the reference itself for an evaluation) or from 3D boxes in the file's voxel
@@ -246,8 +246,9 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
     label = predict_label_map(prompted.eval(), pre_image, pre_prompt, spec, device, progress)
     data["pred"] = data_mod.MetaTensor(label[None].float(), meta=dict(data["image"].meta),
                                        applied_operations=list(data["image"].applied_operations))
-    inverted = transforms.Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True)(data)
-    result = np.rint(np.asarray(inverted["pred"][0])).astype(np.int16)
+    if preprocessing.transforms:  # else the prediction is on the file's grid already
+        data = transforms.Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True)(data)
+    result = np.rint(np.asarray(data["pred"][0])).astype(np.int16)
     if result.shape != tuple(shape):
         raise RuntimeError(f"inverting the preprocessing gave shape {result.shape}, expected {tuple(shape)}")
     nib = require("nibabel", "NIfTI volumes")
@@ -270,8 +271,8 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Segment a NIfTI volume with a 3D fine-tune's SAM + adapters (the output folder of "
-                               "`medadapt demo` / `medadapt finetune --3d`), prompted per slice from a class map or "
+        prog=prog, description="Segment a NIfTI volume with a fine-tune's SAM + adapters (the output folder of "
+                               "`medadapt demo` / `medadapt finetune [--3d]`), prompted per slice from a class map or "
                                "from 3D boxes; writes the label map on the image's voxel grid.")
     parser.add_argument("--run", required=True, metavar="FOLDER",
                         help="the fine-tune's output folder (job.json + adapter/)")
