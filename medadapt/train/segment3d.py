@@ -4,8 +4,9 @@
     medadapt segment --run runs/finetune3d --image case.nii.gz --box 1 40 52 30 70 90 61 --reference seg.nii.gz
 
 The run folder's ``job.json`` (:mod:`medadapt.train.run_spec`; written by the 3D job and by the 2D one, whose
-"slabs" are single slices) says how to rebuild the model and how its training volumes were prepared; the new volume gets the same preprocessing (orientation, spacing, intensity
-scaling, foreground crop: :func:`~medadapt.data.build_volume_preprocessing`). SAM needs a prompt per slice
+"slabs" are single slices) says how to rebuild the model and how its training volumes were prepared; the new
+volume gets the same preprocessing (orientation, spacing, intensity scaling, foreground crop:
+:func:`~medadapt.data.build_volume_preprocessing`). SAM needs a prompt per slice
 and class, as in training: from a prompt label (a class map on the image's grid or another one: a coarse
 mask, another tool's output, or the reference itself for an evaluation) or from 3D boxes in the file's voxel
 indices (``--box CLASS X0 Y0 Z0 X1 Y1 Z1``, inclusive), each rasterised on the image's grid and sent through
