@@ -1,8 +1,9 @@
 """Building and loading the small C kernels (the CPU selective scan) on first use.
 
-The source is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``)
-into ``$MEDADAPT_CACHE_DIR`` (default ``~/.cache/medadapt/kernels``), under a name hashed from the
-source, the flags, the compiler and the CPU (``-march=native`` code is only valid where it was built).
+The source is compiled once per machine with the system C compiler (``$CC``, split into words, else
+``cc``/``gcc``/``clang``) into ``$MEDADAPT_CACHE_DIR`` (default ``~/.cache/medadapt/kernels``), under a
+name hashed from the source, the flags, the compiler and the CPU (``-march=native`` code is only valid
+where it was built).
 The library is written to a temporary file and renamed into place, so concurrent first uses (pytest
 workers, DDP ranks) never load a half-written file. No compiler, or a failed build, is not an error:
 ``load_library`` returns ``None`` and records why (``build_error``); callers fall back to torch.
@@ -15,6 +16,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,13 +39,18 @@ def cache_dir() -> Path:
     return Path(base) / "medadapt" / "kernels"
 
 
-def find_compiler() -> str | None:
-    """``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``."""
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"]) or os.environ["CC"]
+def find_compiler() -> list[str] | None:
+    """The compiler command: ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``.
+
+    ``$CC`` is split like a shell word list (make does the same), so ``CC="ccache gcc"`` or
+    ``CC="gcc -m64"`` work; its first word is resolved on ``PATH``.
+    """
+    words = shlex.split(os.environ.get("CC", ""))
+    if words:
+        return [shutil.which(words[0]) or words[0], *words[1:]]
     for name in ("cc", "gcc", "clang"):
         if (path := shutil.which(name)) is not None:
-            return path
+            return [path]
     return None
 
 
@@ -67,14 +74,14 @@ def build_error(name: str) -> str | None:
     return _errors.get(name)
 
 
-def _compile(compiler: str, args: list[str], src: Path, target: Path) -> None:
+def _compile(compiler: list[str], args: list[str], src: Path, target: Path) -> None:
     """Compile into a temporary file beside ``target``, then rename it into place (atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(target, mode=0o755) as tmp:
-        run = subprocess.run([compiler, *args, "-o", str(tmp), str(src), "-lm"], capture_output=True, text=True,
+        run = subprocess.run([*compiler, *args, "-o", str(tmp), str(src), "-lm"], capture_output=True, text=True,
                              timeout=300)
         if run.returncode != 0:
-            raise OSError(f"{compiler} {' '.join(args)} failed: {run.stderr.strip()[-400:]}")
+            raise OSError(f"{shlex.join(compiler)} {' '.join(args)} failed: {run.stderr.strip()[-400:]}")
 
 
 @functools.cache
@@ -92,7 +99,8 @@ def load_library(name: str, source: str) -> ctypes.CDLL | None:
     last_error = ""
     for flags in _FLAG_SETS:
         args = [*flags, "-std=c99", "-fPIC", "-shared"]
-        key = hashlib.sha256(code + repr((compiler, args)).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        command = repr((shlex.join(compiler), args))  # a one-word compiler keys as before the split
+        key = hashlib.sha256(code + command.encode() + _cpu_signature().encode()).hexdigest()[:16]
         target = cache_dir() / f"{name}-{key}.so"
         try:
             if not target.exists():

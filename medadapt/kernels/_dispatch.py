@@ -33,9 +33,17 @@ def triton_available() -> bool:
     return True
 
 
+# the values Triton's getenv_bool reads as on (case-insensitive, not stripped): anything else is off
+_TRUE_VALUES = ("1", "true", "on", "yes", "y")
+
+
 def interpret_mode() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Parsed as Triton parses it, so ``TRITON_INTERPRET=false`` (or ``off``, ``no``) means compiled kernels
+    here too: reading it as on would send CPU tensors to a Triton that has no CPU driver.
+    """
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_VALUES
 
 
 def forced_backend() -> str:

@@ -122,6 +122,23 @@ def test_forced_triton_falls_back_for_uncovered_problems(monkeypatch):
     assert fused_adapter_backend(x64.float(), w_down.float(), w_up.float()) == "triton"
 
 
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("ON", True), ("Yes", True), ("y", True),
+                                      ("0", False), ("", False), ("false", False), ("off", False), ("no", False)])
+def test_interpret_mode_reads_triton_interpret_as_triton_does(value, on, monkeypatch):
+    """``TRITON_INTERPRET=false`` is off for Triton: forcing Triton on CPU tensors must then be refused
+    by name, not handed to a Triton without a CPU driver."""
+    from medadapt.kernels._dispatch import interpret_mode
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpret_mode() is on
+    if not on:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("MEDADAPT_KERNELS", "triton")
+        w_down, _, w_up, _ = (p.float() if p is not None else None for p in _params(16, 8, 16))
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            fused_adapter_backend(torch.randn(2, 16), w_down, w_up)
+
+
 def _bad_cases():
     x = torch.randn(2, 3, 16)
     w_down, b_down, w_up, b_up = (p.float() for p in _params(16, 8, 16))
@@ -141,6 +158,8 @@ def _bad_cases():
         ("activation", dict(ok, activation="swish")),
         ("scale", dict(ok, scale=torch.tensor(0.5, requires_grad=True))),
         ("scale", dict(ok, scale="half")),
+        ("x", dict(ok, x=torch.randn(2, 3, 0), w_down=torch.randn(8, 0))),  # C = 0
+        ("w_up", dict(ok, w_up=torch.randn(0, 8), b_up=None)),  # C_out = 0
     ]
 
 

@@ -281,6 +281,35 @@ def test_non_contiguous_inputs_weights_and_grad():
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_strided_and_expanded_biases(layout):
+    """The kernels read biases with unit stride: a column of a matrix (stride 2) or an expanded scalar
+    (stride 0) is made contiguous first; an expanded bias's gradient is summed back to its own shape."""
+    tensors, grad = _problem((5, 11), 9, 7, torch.float32)
+    if layout == "expanded":
+        tensors["b_down"] = tensors["b_down"][:1].expand(7)
+        tensors["b_up"] = tensors["b_up"][:1].expand(9)
+    exact, _ = _run(fused_adapter_reference, tensors, grad, torch.float64, 0.5, "gelu")
+    on = {k: v.float().to(DEVICE) for k, v in tensors.items()}
+    if layout == "strided":
+        b_down, b_up = _strided(on["b_down"]).requires_grad_(), _strided(on["b_up"]).requires_grad_()
+        bases, want = (b_down, b_up), (exact["d_b_down"], exact["d_b_up"])
+        assert b_down.stride() == b_up.stride() == (2,)
+    else:
+        # fresh storage of one element each (shapes (1,) and ()): reading past it is out of bounds
+        bases = (on["b_down"][:1].clone().requires_grad_(), on["b_up"][0].clone().requires_grad_())
+        b_down, b_up = bases[0].expand(7), bases[1].expand(9)
+        want = (exact["d_b_down"].sum(0, keepdim=True), exact["d_b_up"].sum())
+    x, w_down, w_up = (on[k].requires_grad_() for k in ("x", "w_down", "w_up"))
+    out = fused_adapter(x, w_down, b_down, w_up, b_up, scale=0.5, residual=on["residual"])
+    grads = torch.autograd.grad(out, [x, w_down, w_up, *bases], grad.float().to(DEVICE))
+    torch.testing.assert_close(out.double().cpu(), exact["out"], rtol=2e-5, atol=2e-5)
+    for name, got, ref in zip(("d_x", "d_w_down", "d_w_up", "d_b_down", "d_b_up"), grads,
+                              (exact["d_x"], exact["d_w_down"], exact["d_w_up"], *want)):
+        assert got.shape == ref.shape, name
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=2e-5, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_partial_requires_grad():
     """Frozen x (first block) and frozen down-projection: the kernel skips dx and dW_down."""
     tensors, grad = _problem((3, 7, 5, 40), 40, 12, torch.float32)

@@ -170,6 +170,18 @@ def test_torch_path_low_precision(dtype, rtol, atol):
         torch.testing.assert_close(got[2][name], ref[2][name], rtol=rtol, atol=atol, msg=name)
 
 
+def test_torch_path_stays_float32_under_autocast():
+    """CPU autocast (bf16) must not reach the state arithmetic (``sum_over_n``'s matmul would run in bf16,
+    relative error ~5e-3): forward and backward inside autocast match float64 to float32 accuracy."""
+    x = make_inputs(batch=2, dim=5, length=37, n=4, b_layout=5, dtype=torch.float32)
+    ref = run_with_grads(selective_scan_reference, {k: v.to(F64) for k, v in x.items()})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_with_grads(selective_scan_torch, x, max_chunk=16)
+    assert got[0].dtype == torch.float32
+    for name, g, r in [("out", got[0], ref[0]), ("last", got[1], ref[1]), *((k, got[2][k], ref[2][k]) for k in NAMES)]:
+        torch.testing.assert_close(g.to(F64), r, rtol=1e-5, atol=1e-5 * float(r.detach().abs().max()), msg=name)
+
+
 def test_torch_path_never_materialises_the_state_sequence():
     """No tensor of B·D·L·N elements, forward or backward: only chunk-sized state buffers."""
     x = make_inputs(batch=1, dim=8, length=512, n=4, dtype=torch.float32)
@@ -198,6 +210,7 @@ def test_torch_path_never_materialises_the_state_sequence():
     (lambda x: x.update(delta=x["delta"].int()), "delta"),
     (lambda x: x.update(C=x["C"].to(torch.int16)), "C"),
     (lambda x: x.update(u=x["u"][0]), "u"),
+    *((lambda x, k=k: x.update({k: None}), k) for k in ("u", "delta", "A", "B", "C")),  # required, not optional
 ])
 @pytest.mark.parametrize("fn", [selective_scan, selective_scan_reference, selective_scan_torch, selective_scan_cpu])
 def test_bad_inputs_raise_value_error_naming_argument(change, name, fn):
@@ -205,6 +218,13 @@ def test_bad_inputs_raise_value_error_naming_argument(change, name, fn):
     change(x)
     with pytest.raises(ValueError, match=name):
         fn(*(x[k] for k in NAMES[:8]), initial_state=x["initial_state"])
+
+
+@pytest.mark.parametrize("max_chunk", [0, -4, 2.5, True])
+def test_torch_path_rejects_bad_max_chunk(max_chunk):
+    x = make_inputs(batch=1, dim=3, length=5, n=2)
+    with pytest.raises(ValueError, match="max_chunk"):
+        selective_scan_torch(*(x[k] for k in NAMES[:5]), max_chunk=max_chunk)
 
 
 def test_dispatch_honours_medadapt_kernels(monkeypatch):

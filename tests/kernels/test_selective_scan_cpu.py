@@ -4,6 +4,9 @@ tolerances, threads, bounded memory, errors, and the build's fallback when there
 
 from __future__ import annotations
 
+import shlex
+import shutil
+
 import pytest
 import torch
 from scan_helpers import F64, NAMES, LargestTensor, make_inputs, run_with_grads
@@ -132,6 +135,20 @@ def test_no_compiler_means_no_kernel_and_a_reason(monkeypatch, tmp_path):
     assert "could not build" in _cbuild.build_error("scan_cpu_without_cc")
     assert "no-such-cc" in _cbuild.build_error("scan_cpu_without_cc")
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
+
+
+def test_cc_with_arguments_is_split_into_words(tmp_path, monkeypatch):
+    """``CC="ccache gcc"`` style: the first word is the program, the rest its arguments (as make reads it)."""
+    monkeypatch.delenv("CC", raising=False)
+    cc, wrapper = _cbuild.find_compiler(), shutil.which("env")
+    if wrapper is None:
+        pytest.skip("no env(1) to stand in for ccache")
+    monkeypatch.setenv("CC", f"env {shlex.join(cc)} -DMEDADAPT_CC_WORDS")
+    assert _cbuild.find_compiler() == [wrapper, *cc, "-DMEDADAPT_CC_WORDS"]
+    monkeypatch.setenv("MEDADAPT_CACHE_DIR", str(tmp_path))
+    source = _cbuild.Path(__file__).parents[2] / "medadapt/kernels/selective_scan/csrc/scan_cpu.c"
+    lib = _cbuild.load_library("scan_cpu_cc_words", str(source))
+    assert lib is not None and hasattr(lib, "scan_fwd_f32"), _cbuild.build_error("scan_cpu_cc_words")
 
 
 def test_build_is_cached_and_written_atomically(tmp_path, monkeypatch):

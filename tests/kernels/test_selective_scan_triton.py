@@ -85,6 +85,31 @@ def test_triton_split_and_causal():
     torch.testing.assert_close(head[0], full[..., :s], rtol=0, atol=0)  # causal: the future is unseen
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_triton_non_contiguous_d_and_delta_bias(layout):
+    """The kernels index D and delta_bias as ptr + channel: views with stride 3 or 0 are copied first.
+    Gradients are compared on the tensors the views were taken from."""
+    x = make_inputs("var", "var", batch=2, dim=5, length=21, n=3, seed=3)
+    bases = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+    if layout == "strided":
+        for k in ("D", "delta_bias"):
+            bases[k] = torch.stack([x[k]] * 3, -1).requires_grad_(True)  # (D, 3): column 1 has stride 3
+        views = {k: bases[k][:, 1] for k in ("D", "delta_bias")}
+    else:
+        for k in ("D", "delta_bias"):
+            bases[k] = x[k][:1].clone().requires_grad_(True)
+        views = {k: bases[k].expand(5) for k in ("D", "delta_bias")}
+    results = []
+    for fn in (selective_scan_reference, functools.partial(selective_scan_triton, block_t=16)):
+        args = {**bases, **views}
+        out, last = fn(*(args[k] for k in NAMES[:8]), True, True, initial_state=args["initial_state"])
+        gen = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=gen, dtype=F64).to(out.device)).sum() + last.pow(2).sum()
+        results.append((out, last, *torch.autograd.grad(loss, [bases[k] for k in NAMES])))
+    for name, want, got in zip(("out", "last", *NAMES), *results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
 def test_dispatch_runs_triton_when_forced(monkeypatch):
     monkeypatch.setenv("MEDADAPT_KERNELS", "triton")
     x = make_inputs("var", "var", dtype=torch.float32, batch=1, dim=3, length=9, n=2)

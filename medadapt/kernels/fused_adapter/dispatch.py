@@ -35,12 +35,14 @@ def _validate(x, w_down, b_down, w_up, b_up, scale, residual, activation) -> flo
     _check_tensor("w_down", w_down, x.device, ndim=2)
     _check_tensor("w_up", w_up, x.device, ndim=2)
     width, hidden, width_out = x.shape[-1], w_down.shape[0], w_up.shape[0]
+    if width == 0:  # an adapter of nothing; the backward could not even flatten x to (M, 0)
+        raise ValueError(f"x must have a last dimension C ≥ 1, got shape {tuple(x.shape)}")
     if w_down.shape[1] != width or hidden == 0:
         raise ValueError(f"w_down must have shape (H, {width}) with H ≥ 1 to match x's last dimension {width}, "
                          f"got {tuple(w_down.shape)}")
-    if w_up.shape[1] != hidden:
-        raise ValueError(f"w_up must have shape (C_out, {hidden}) to match w_down's hidden width {hidden}, "
-                         f"got {tuple(w_up.shape)}")
+    if w_up.shape[1] != hidden or width_out == 0:
+        raise ValueError(f"w_up must have shape (C_out, {hidden}) with C_out ≥ 1 to match w_down's hidden width "
+                         f"{hidden}, got {tuple(w_up.shape)}")
     for name, bias, size in (("b_down", b_down, hidden), ("b_up", b_up, width_out)):
         if bias is not None:
             _check_tensor(name, bias, x.device)
@@ -116,8 +118,9 @@ def fused_adapter(
         Weights and biases are cast to that compute dtype (differentiably).
 
     Raises:
-        ValueError: a width or shape mismatch, a tensor on another device than ``x``, a non-floating
-            dtype, an unknown activation or a non-constant scale; the message names the argument.
+        ValueError: a width or shape mismatch, a zero width (C or C_out), a tensor on another device
+            than ``x``, a non-floating dtype, an unknown activation or a non-constant scale; the message
+            names the argument.
     """
     scale = _validate(x, w_down, b_down, w_up, b_up, scale, residual, activation)
     dtype = _compute_dtype(x)
@@ -126,6 +129,10 @@ def fused_adapter(
     b_down = b_down.to(dtype) if b_down is not None else None
     b_up = b_up.to(dtype) if b_up is not None else None
     if fused_adapter_backend(x, w_down, w_up, b_down, b_up, residual) == "triton":
+        # the kernels read a bias as bias_ptr + i (unit stride): copy strided or expanded biases (the copy
+        # is differentiable, so an expanded bias's gradient is still summed back to its own shape)
+        b_down = b_down.contiguous() if b_down is not None else None
+        b_up = b_up.contiguous() if b_up is not None else None
         if residual_is_x:
             return _apply_triton(x, w_down, b_down, w_up, b_up, None, scale, activation, True)
         return _apply_triton(x, w_down, b_down, w_up, b_up, residual, scale, activation, False)

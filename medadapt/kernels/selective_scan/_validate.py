@@ -10,6 +10,7 @@ import torch
 __all__ = ["MAX_D_STATE", "check_scan_inputs", "bc_groups"]
 
 MAX_D_STATE = 256  # same limit as mamba_ssm's CUDA kernel
+_REQUIRED = ("u", "delta", "A", "B", "C")  # None is an error here, not "absent"
 
 
 def bc_groups(m: torch.Tensor) -> int:
@@ -57,13 +58,14 @@ def check_scan_inputs(
     """Validate the selective-scan arguments; return ``(batch, dim, length, d_state)``.
 
     Raises:
-        ValueError: a non-float (integer, bool, complex) tensor, a wrong shape, ``D`` not divisible by
-            the groups of B or C, ``N > 256``, an empty sequence, or tensors on different devices.
+        ValueError: a required tensor given as None, a non-float (integer, bool, complex) tensor, a wrong
+            shape, ``D`` not divisible by the groups of B or C, ``N > 256``, an empty sequence, or tensors
+            on different devices.
     """
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
              "initial_state": initial_state}
     for name, t in named.items():
-        if t is not None:
+        if t is not None or name in _REQUIRED:
             _check_float(name, t)
     if u.dim() != 3:
         raise ValueError(f"u must have shape (B, D, L), got {tuple(u.shape)}")

@@ -12,6 +12,7 @@ inputs); output in u's dtype.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -139,11 +140,22 @@ class _Scan:
         return buf[: self.state_numel * steps].view(batch, steps, groups, -1, dg)
 
 
+def _no_autocast(device: torch.device):
+    """Autocast off: it would run the state contraction (``sum_over_n``'s matmul) in bf16/fp16."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class SelectiveScanTorchFn(torch.autograd.Function):
     """Chunked selective scan with a chunked (recomputing) backward; returns ``(out, last_state)``."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, max_chunk):
+        with _no_autocast(u.device):
+            return SelectiveScanTorchFn._forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                                 delta_softplus, max_chunk)
+
+    @staticmethod
+    def _forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, max_chunk):
         sc = _Scan(u, delta, A, B, C, delta_bias, delta_softplus, max_chunk, False)
         cdt, groups = sc.cdt, sc.shape[1]
         batch, dim, _ = u.shape
@@ -175,6 +187,11 @@ class SelectiveScanTorchFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlast):
+        with _no_autocast(ctx.saved_tensors[0].device):
+            return SelectiveScanTorchFn._backward(ctx, dout, dlast)
+
+    @staticmethod
+    def _backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
         sc = _Scan(u, delta, A, B, C, delta_bias, ctx.softplus, ctx.max_chunk, True)
         cdt, groups = sc.cdt, sc.shape[1]
@@ -276,6 +293,8 @@ def selective_scan_torch(
     chunks are cut shorter where ``|A| · Σδ`` over the chunk would overflow the closed form.
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if isinstance(max_chunk, bool) or not isinstance(max_chunk, numbers.Integral) or max_chunk < 1:
+        raise ValueError(f"max_chunk must be a positive integer (time steps per chunk), got {max_chunk!r}")
     out, last = SelectiveScanTorchFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                            bool(delta_softplus), int(max_chunk))
     return (out, last) if return_last_state else out

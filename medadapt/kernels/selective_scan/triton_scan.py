@@ -68,6 +68,8 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
         u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
         z = None if z is None else z.contiguous()
+        D = None if D is None else D.contiguous()  # the kernels index D and delta_bias as ptr + channel
+        delta_bias = None if delta_bias is None else delta_bias.contiguous()
         init = None if initial_state is None else initial_state.contiguous()
         Bc, sb, cpg_b, b_var = _bc_args(B, dim)
         Cc, sc, cpg_c, c_var = _bc_args(C, dim)

@@ -3,10 +3,11 @@
  *   dt_t = softplus(delta_t + bias)   (or delta_t + bias)
  *   h_t = exp(dt_t A) * h_{t-1} + dt_t u_t B_t        y_t = sum_n C_t,n h_t,n
  *
- * per channel with state size N. B and C are variable, (batch, G, N, L) contiguous. D, the gate and
- * their gradients are done by the caller in torch. Work is cut into tiles of LANES consecutive channels
- * of one batch row that share their B and C groups; every arithmetic line works on a LANES-wide vector
- * (GCC/Clang vector extensions), one channel per lane. A call handles tiles [tile_begin, tile_end);
+ * per channel with state size N. B and C are variable, (batch, G, N, L) contiguous. The skip D and the
+ * gate are applied here too, out = (y + D u) silu(z), with their gradients (dD per batch row, summed by
+ * the caller; dz). Work is cut into tiles of LANES consecutive channels of one batch row that share
+ * their B and C groups; every arithmetic line works on a LANES-wide vector (GCC/Clang vector
+ * extensions), one channel per lane. A call handles tiles [tile_begin, tile_end);
  * Python runs calls on disjoint ranges in threads (ctypes releases the GIL). The forward can keep the
  * state before every chunk of TBLK steps (checkpoints, (tiles, chunks, N, LANES)); the backward
  * recomputes each chunk's states from them, so no (batch, dim, L, N) tensor ever exists.
