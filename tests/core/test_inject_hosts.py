@@ -167,3 +167,22 @@ def test_modules_to_save_trains_host_layers_under_nested_wrappers():
     assert all(p.requires_grad for p in decoder.trained.parameters())
     assert not any(p.requires_grad for p in decoder.base_layer.parameters())
     assert not any(p.requires_grad for p in sam.prompt_encoder.parameters())
+
+
+
+def test_user_host_registered_before_the_builtins_load_is_kept(monkeypatch):
+    """The built-ins load lazily; loading them must not replace a user integration of the same name."""
+    import sys
+
+    import medadapt.adapters
+    from medadapt.core import hosts
+
+    monkeypatch.setattr(hosts, "_HOSTS", [])
+    for name in [m for m in sys.modules if m.startswith("medadapt.adapters.hosts")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(medadapt.adapters, "hosts", raising=False)
+    mine = ma.HostIntegration(name="timm", block_types=("timm.models.vision_transformer:Block",))
+    ma.register_host(mine)
+    registered = hosts.registered_hosts()
+    assert registered[0] is mine and [h.name for h in registered].count("timm") == 1
+    assert {"sam", "monai"} <= {h.name for h in registered}
