@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,9 +25,12 @@ class _InjectionRecord:
 
 
 def injected_configs(model: nn.Module) -> list[AdapterConfig]:
-    """The configs injected into ``model``, in order (empty for a plain model)."""
+    """Copies of the configs injected into ``model``, in order (empty for a plain model).
+
+    Copies: editing one must not change what :func:`~medadapt.core.io.save_adapter` records.
+    """
     record = getattr(model, _RECORD, None)
-    return list(record.configs) if record is not None else []
+    return copy.deepcopy(record.configs) if record is not None else []
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
@@ -54,6 +58,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if not isinstance(config, AdapterConfig):
         raise ValueError(f"config must be an AdapterConfig (e.g. MedSAConfig), got {type(config).__name__}")
     config.validate()
+    # the record keeps its own copy: the caller may edit or reuse ``config`` for another model afterwards,
+    # and what save_adapter writes must stay what was injected here
+    config = copy.deepcopy(config)
     record: _InjectionRecord | None = getattr(model, _RECORD, None)
     if record is not None and any(c.method == config.method for c in record.configs):
         raise ValueError(f"model already has {config.method!r} adapters; call remove_adapters first")
