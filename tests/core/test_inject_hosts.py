@@ -170,6 +170,24 @@ def test_modules_to_save_trains_host_layers_under_nested_wrappers():
 
 
 
+def test_inject_into_part_of_an_injected_model_rejected():
+    """Two injections in one module tree stack wrappers that a saved adapter cannot be loaded back into."""
+    from tiny_models import tiny_sam
+
+    torch.manual_seed(0)
+    sam = ma.inject(tiny_sam(depth=2), ma.MedSAConfig())
+    tree = repr(sam)
+    with pytest.raises(ValueError, match="module that contains it"):
+        ma.inject(sam.image_encoder, ma.MedSAConfig(space_depth=True))
+    assert repr(sam) == tree
+    torch.manual_seed(0)
+    sam = tiny_sam(depth=2)
+    ma.inject(sam.image_encoder, ma.MedSAConfig())
+    with pytest.raises(ValueError, match="submodule 'image_encoder' already has"):
+        ma.inject(sam, ma.MedSAConfig(hyper_prompt=True))
+    assert not hasattr(sam, "_medadapt_record")
+
+
 def test_user_host_registered_before_the_builtins_load_is_kept(monkeypatch):
     """The built-ins load lazily; loading them must not replace a user integration of the same name."""
     import sys
