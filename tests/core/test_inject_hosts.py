@@ -169,7 +169,6 @@ def test_modules_to_save_trains_host_layers_under_nested_wrappers():
     assert not any(p.requires_grad for p in sam.prompt_encoder.parameters())
 
 
-
 def test_inject_into_part_of_an_injected_model_rejected():
     """Two injections in one module tree stack wrappers that a saved adapter cannot be loaded back into."""
     from tiny_models import tiny_sam
@@ -204,3 +203,13 @@ def test_user_host_registered_before_the_builtins_load_is_kept(monkeypatch):
     registered = hosts.registered_hosts()
     assert registered[0] is mine and [h.name for h in registered].count("timm") == 1
     assert {"sam", "monai"} <= {h.name for h in registered}
+
+
+def test_wrapped_host_modules_answer_attribute_reads():
+    model, _ = build("timm")
+    ma.inject(model, ma.MedSAConfig())
+    attn, mlp = model.encoder.blocks[0].attn, model.encoder.blocks[0].mlp
+    assert isinstance(attn, SequentialAdapterWrapper) and attn.num_heads == 3
+    assert mlp.fc1 is mlp.base_layer.fc1
+    with pytest.raises(AttributeError):
+        attn.no_such_attribute  # noqa: B018
