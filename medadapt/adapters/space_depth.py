@@ -119,36 +119,41 @@ class VolumeInput(AdapterModule):
     outputs come back as ``(B, D, ...)``. Images ``(B, C, H, W)`` behave exactly as before.
 
     Implemented with forward hooks on the encoder (also when the encoder is the root model); they
-    are dropped by ``remove_adapters``.
+    are dropped by ``remove_adapters``. The depth branches are looked up in the encoder at every call,
+    so copies made after injection (a ``modules_to_save`` block's trained copy) get the slice count too.
+    The slice count is set by every encoder call (None for images) and is not cleared afterwards:
+    gradient checkpointing recomputes blocks during backward, after the encoder call has returned, and
+    the recomputation must take the depth branch as the forward did. So run one volume batch's backward
+    before the next checkpointed forward with a different slice count.
     """
 
-    def __init__(self, encoder: nn.Module, attentions: list[SpaceDepthAttention]) -> None:
+    def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
-        self._attentions = list(attentions)  # a plain list: not registered twice
         self.image_ndim = _image_ndim(encoder)
         self._batch: int | None = None
         self._handles = [encoder.register_forward_pre_hook(self._before, with_kwargs=True),
                          encoder.register_forward_hook(self._after)]
 
-    def _set(self, slices: tuple[int, int] | None) -> None:
-        for a in self._attentions:
-            a._slices = slices
+    @staticmethod
+    def _set(encoder: nn.Module, slices: tuple[int, int] | None) -> None:
+        for m in encoder.modules():
+            if isinstance(m, SpaceDepthAttention):
+                m._slices = slices
 
     def _before(self, module, args, kwargs):
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or x.dim() != self.image_ndim + 1:
             self._batch = None
-            self._set(None)
+            self._set(module, None)
             return None
         b, c, d = x.shape[:3]
         flat = x.transpose(1, 2).reshape(b * d, c, *x.shape[3:])
         self._batch = b
-        self._set((d, b * d))
+        self._set(module, (d, b * d))
         return (flat, *args[1:]), kwargs
 
     def _after(self, module, args, output):
         batch, self._batch = self._batch, None
-        self._set(None)
         if batch is None:
             return None
         return _unflatten(output, batch)
@@ -156,7 +161,6 @@ class VolumeInput(AdapterModule):
     def on_remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._set(None)
 
 
 def _unflatten(output, batch: int):
@@ -177,7 +181,7 @@ def _encoder_of(model: nn.Module, block_name: str) -> tuple[str, nn.Module]:
 def apply_space_depth(model: nn.Module, block_names: list[str], config: MedSAConfig) -> list[str]:
     """Add the depth branch to the attention of each named block, and volume input to their encoder(s)."""
     hosts = {name: (block, host) for name, block, host in host_blocks(model)}
-    per_encoder: dict[str, tuple[nn.Module, list[SpaceDepthAttention]]] = {}
+    encoders: dict[str, nn.Module] = {}
     names = []
     for name in block_names:
         block, host = hosts[name]
@@ -186,8 +190,9 @@ def apply_space_depth(model: nn.Module, block_names: list[str], config: MedSACon
         set_submodule(block, host.attn, wrapper)
         names.append(f"{name}.{host.attn}")
         enc_name, encoder = _encoder_of(model, name)
-        per_encoder.setdefault(enc_name, (encoder, []))[1].append(wrapper)
-    for enc_name, (encoder, wrappers) in per_encoder.items():
-        encoder.add_module("volume_input", VolumeInput(encoder, wrappers))
+        encoders.setdefault(enc_name, encoder)
+    for enc_name, encoder in encoders.items():
+        encoder.add_module("volume_input", VolumeInput(encoder))
         names.append(f"{enc_name}.volume_input" if enc_name else "volume_input")
     return names
+

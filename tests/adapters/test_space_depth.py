@@ -159,3 +159,53 @@ def test_3d_native_encoder_keeps_its_volume_input():
     ref = vit(x)[0]
     ma.inject(vit, ma.MedSAConfig(space_depth=True))
     assert torch.equal(vit(x)[0], ref)
+
+
+
+def _timm_sd(**config):
+    torch.manual_seed(0)
+    model = tiny_timm_vit().double()
+    ma.inject(model, ma.MedSAConfig(space_depth=True, **config))
+    randomise_adapters(model)
+    return model.double()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """timm recomputes checkpointed blocks in backward, after the encoder call: the depth branch must run there too."""
+    model = _timm_sd(depth_pos_embed=3)
+    vol = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+
+    def grads(checkpointing):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        model.train()
+        model(vol).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and any("depth_adapter" in n for n in plain)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_image_call_after_a_volume_call_takes_no_depth_branch():
+    model = _timm_sd().eval()
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(images)
+        model(torch.randn(1, 3, 4, 32, 32, dtype=torch.float64))  # the slice count stays set after this call
+        assert torch.equal(model(images), before)
+
+
+def test_modules_to_save_copy_of_a_block_runs_its_depth_branch():
+    """modules_to_save deep-copies the block after SD-Trans wrapped it; the trained copy's branch must run."""
+    model = _timm_sd(modules_to_save=["blocks.1"]).eval()
+    branch = model.blocks[1].trained.attn
+    assert isinstance(branch, SpaceDepthAttention) and branch.depth_adapter.up.weight.requires_grad
+    vol = torch.randn(1, 3, 4, 32, 32, dtype=torch.float64)
+    model(vol).square().sum().backward()
+    assert branch.depth_adapter.up.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        out = model(vol)
+        branch.depth_adapter.up.weight.mul_(3)
+        assert not torch.allclose(model(vol), out)
