@@ -58,9 +58,23 @@ class SpaceDepthAttention(AdapterWrapper):
         self._slices: tuple[int, int] | None = None  # (D, number of images B·D) during a volume call
 
     def depth_attention(self, seq: torch.Tensor) -> torch.Tensor:
-        """Attention over ``seq (N, D, C)`` with the host's own (frozen) attention weights."""
+        """Attention over ``seq (N, D, C)`` with the host's own (frozen) attention weights.
+
+        Without a host ``depth_attention`` the host module's ``forward`` runs a second time. It is called
+        directly, not through ``__call__``, so hooks on that module see only the space attention they were
+        put there for, and the plain attributes that forward rewrites (MONAI's ``SABlock.att_mat`` with
+        ``save_attn=True``) are put back: they keep describing the space attention.
+        """
         attn = innermost(self.base_layer)
-        return self._attend(attn, seq) if self._attend is not None else attn(seq)
+        if self._attend is not None:
+            return self._attend(attn, seq)
+        state = dict(vars(attn))
+        try:
+            return attn.forward(seq)
+        finally:
+            for key in set(vars(attn)) - set(state):
+                del vars(attn)[key]
+            vars(attn).update(state)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)

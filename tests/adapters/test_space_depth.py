@@ -209,3 +209,24 @@ def test_modules_to_save_copy_of_a_block_runs_its_depth_branch():
         out = model(vol)
         branch.depth_adapter.up.weight.mul_(3)
         assert not torch.allclose(model(vol), out)
+
+
+def test_depth_branch_leaves_host_hooks_and_saved_attention_alone():
+    """The depth branch reuses the host attention's forward; MONAI's att_mat and hooks keep the space attention."""
+    from monai.networks.nets import ViT
+
+    from medadapt.adapters.space_depth import innermost
+
+    torch.manual_seed(0)
+    vit = ViT(in_channels=1, img_size=(16, 16), patch_size=(4, 4), hidden_size=48, mlp_dim=96, num_layers=1,
+              num_heads=3, spatial_dims=2, save_attn=True).eval()
+    ma.inject(vit, ma.MedSAConfig(space_depth=True))
+    randomise_adapters(vit)
+    sab = innermost(vit.blocks[0].attn)
+    calls = []
+    sab.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    with torch.no_grad():
+        vit(torch.randn(2, 1, 3, 16, 16))
+    assert calls == [(6, 16, 48)]  # the space call only
+    assert sab.att_mat.shape == (6, 3, 16, 16)
+    assert vit.blocks[0].attn.att_mat is sab.att_mat  # read through the wrappers
