@@ -17,6 +17,7 @@ without which the depth branch cannot tell slice order.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -206,7 +207,24 @@ def apply_space_depth(model: nn.Module, block_names: list[str], config: MedSACon
         enc_name, encoder = _encoder_of(model, name)
         encoders.setdefault(enc_name, encoder)
     for enc_name, encoder in encoders.items():
-        encoder.add_module("volume_input", VolumeInput(encoder))
+        volume_input = VolumeInput(encoder)
+        if enc_name and volume_input.image_ndim == 5:
+            _warn_unreachable(model, enc_name)
+        encoder.add_module("volume_input", volume_input)
         names.append(f"{enc_name}.volume_input" if enc_name else "volume_input")
     return names
 
+
+def _warn_unreachable(model: nn.Module, enc_name: str) -> None:
+    """A 3D-native encoder inside a larger model (MONAI's ``UNETR.vit``) takes the depth branch only for a
+    stack of volumes ``(B, C, S, D, H, W)``, which the enclosing model's forward normally never passes (UNETR
+    passes its ``(B, C, D, H, W)`` input, embedded as one volume): its depth adapters would train nothing.
+    A warning, not an error: a model whose forward does pass such stacks to the encoder is legitimate.
+    A 2D encoder inside a larger model is fine: it gets volumes from that model's forward or from direct
+    calls (``sam.image_encoder(volume)``, as ``medadapt.train.prompted`` does)."""
+    warnings.warn(
+        f"space_depth=True: {type(model).__name__}.{enc_name} embeds 3D volumes natively, so its SD-Trans depth "
+        f"branch runs only when {enc_name} itself receives a stack of volumes (B, C, S, D, H, W), which "
+        f"{type(model).__name__}.forward likely never passes (UNETR's does not): the depth adapters would stay "
+        f"unused. Inject into {enc_name} itself and call it with such stacks, or set space_depth=False.",
+        UserWarning, stacklevel=5)

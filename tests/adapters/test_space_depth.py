@@ -161,7 +161,6 @@ def test_3d_native_encoder_keeps_its_volume_input():
     assert torch.equal(vit(x)[0], ref)
 
 
-
 def _timm_sd(**config):
     torch.manual_seed(0)
     model = tiny_timm_vit().double()
@@ -230,3 +229,20 @@ def test_depth_branch_leaves_host_hooks_and_saved_attention_alone():
     assert calls == [(6, 16, 48)]  # the space call only
     assert sab.att_mat.shape == (6, 3, 16, 16)
     assert vit.blocks[0].attn.att_mat is sab.att_mat  # read through the wrappers
+
+
+def test_space_depth_on_unetr_warns_that_the_depth_branch_is_unreachable():
+    import warnings
+
+    from monai.networks.nets import UNETR
+    from tiny_models import tiny_sam
+
+    torch.manual_seed(0)
+    unetr = UNETR(in_channels=1, out_channels=2, img_size=(16, 16, 16), feature_size=8, hidden_size=48, mlp_dim=96,
+                  num_heads=3)
+    with pytest.warns(UserWarning, match=r"vit itself"):
+        ma.inject(unetr, ma.MedSAConfig(space_depth=True))
+    with warnings.catch_warnings():  # a 2D encoder inside a model gets volumes by direct calls: no warning
+        warnings.simplefilter("error")
+        ma.inject(tiny_sam(depth=2), ma.MedSAConfig(space_depth=True))
+        ma.inject(tiny_monai_vit(), ma.MedSAConfig(space_depth=True))  # the 3D encoder itself: no warning
