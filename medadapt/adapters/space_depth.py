@@ -17,6 +17,7 @@ without which the depth branch cannot tell slice order.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -58,9 +59,23 @@ class SpaceDepthAttention(AdapterWrapper):
         self._slices: tuple[int, int] | None = None  # (D, number of images B·D) during a volume call
 
     def depth_attention(self, seq: torch.Tensor) -> torch.Tensor:
-        """Attention over ``seq (N, D, C)`` with the host's own (frozen) attention weights."""
+        """Attention over ``seq (N, D, C)`` with the host's own (frozen) attention weights.
+
+        Without a host ``depth_attention`` the host module's ``forward`` runs a second time. It is called
+        directly, not through ``__call__``, so hooks on that module see only the space attention they were
+        put there for, and the plain attributes that forward rewrites (MONAI's ``SABlock.att_mat`` with
+        ``save_attn=True``) are put back: they keep describing the space attention.
+        """
         attn = innermost(self.base_layer)
-        return self._attend(attn, seq) if self._attend is not None else attn(seq)
+        if self._attend is not None:
+            return self._attend(attn, seq)
+        state = dict(vars(attn))
+        try:
+            return attn.forward(seq)
+        finally:
+            for key in set(vars(attn)) - set(state):
+                del vars(attn)[key]
+            vars(attn).update(state)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -119,36 +134,41 @@ class VolumeInput(AdapterModule):
     outputs come back as ``(B, D, ...)``. Images ``(B, C, H, W)`` behave exactly as before.
 
     Implemented with forward hooks on the encoder (also when the encoder is the root model); they
-    are dropped by ``remove_adapters``.
+    are dropped by ``remove_adapters``. The depth branches are looked up in the encoder at every call,
+    so copies made after injection (a ``modules_to_save`` block's trained copy) get the slice count too.
+    The slice count is set by every encoder call (None for images) and is not cleared afterwards:
+    gradient checkpointing recomputes blocks during backward, after the encoder call has returned, and
+    the recomputation must take the depth branch as the forward did. So run one volume batch's backward
+    before the next checkpointed forward with a different slice count.
     """
 
-    def __init__(self, encoder: nn.Module, attentions: list[SpaceDepthAttention]) -> None:
+    def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
-        self._attentions = list(attentions)  # a plain list: not registered twice
         self.image_ndim = _image_ndim(encoder)
         self._batch: int | None = None
         self._handles = [encoder.register_forward_pre_hook(self._before, with_kwargs=True),
                          encoder.register_forward_hook(self._after)]
 
-    def _set(self, slices: tuple[int, int] | None) -> None:
-        for a in self._attentions:
-            a._slices = slices
+    @staticmethod
+    def _set(encoder: nn.Module, slices: tuple[int, int] | None) -> None:
+        for m in encoder.modules():
+            if isinstance(m, SpaceDepthAttention):
+                m._slices = slices
 
     def _before(self, module, args, kwargs):
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or x.dim() != self.image_ndim + 1:
             self._batch = None
-            self._set(None)
+            self._set(module, None)
             return None
         b, c, d = x.shape[:3]
         flat = x.transpose(1, 2).reshape(b * d, c, *x.shape[3:])
         self._batch = b
-        self._set((d, b * d))
+        self._set(module, (d, b * d))
         return (flat, *args[1:]), kwargs
 
     def _after(self, module, args, output):
         batch, self._batch = self._batch, None
-        self._set(None)
         if batch is None:
             return None
         return _unflatten(output, batch)
@@ -156,7 +176,6 @@ class VolumeInput(AdapterModule):
     def on_remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._set(None)
 
 
 def _unflatten(output, batch: int):
@@ -177,7 +196,7 @@ def _encoder_of(model: nn.Module, block_name: str) -> tuple[str, nn.Module]:
 def apply_space_depth(model: nn.Module, block_names: list[str], config: MedSAConfig) -> list[str]:
     """Add the depth branch to the attention of each named block, and volume input to their encoder(s)."""
     hosts = {name: (block, host) for name, block, host in host_blocks(model)}
-    per_encoder: dict[str, tuple[nn.Module, list[SpaceDepthAttention]]] = {}
+    encoders: dict[str, nn.Module] = {}
     names = []
     for name in block_names:
         block, host = hosts[name]
@@ -186,8 +205,26 @@ def apply_space_depth(model: nn.Module, block_names: list[str], config: MedSACon
         set_submodule(block, host.attn, wrapper)
         names.append(f"{name}.{host.attn}")
         enc_name, encoder = _encoder_of(model, name)
-        per_encoder.setdefault(enc_name, (encoder, []))[1].append(wrapper)
-    for enc_name, (encoder, wrappers) in per_encoder.items():
-        encoder.add_module("volume_input", VolumeInput(encoder, wrappers))
+        encoders.setdefault(enc_name, encoder)
+    for enc_name, encoder in encoders.items():
+        volume_input = VolumeInput(encoder)
+        if enc_name and volume_input.image_ndim == 5:
+            _warn_unreachable(model, enc_name)
+        encoder.add_module("volume_input", volume_input)
         names.append(f"{enc_name}.volume_input" if enc_name else "volume_input")
     return names
+
+
+def _warn_unreachable(model: nn.Module, enc_name: str) -> None:
+    """A 3D-native encoder inside a larger model (MONAI's ``UNETR.vit``) takes the depth branch only for a
+    stack of volumes ``(B, C, S, D, H, W)``, which the enclosing model's forward normally never passes (UNETR
+    passes its ``(B, C, D, H, W)`` input, embedded as one volume): its depth adapters would train nothing.
+    A warning, not an error: a model whose forward does pass such stacks to the encoder is legitimate.
+    A 2D encoder inside a larger model is fine: it gets volumes from that model's forward or from direct
+    calls (``sam.image_encoder(volume)``, as ``medadapt.train.prompted`` does)."""
+    warnings.warn(
+        f"space_depth=True: {type(model).__name__}.{enc_name} embeds 3D volumes natively, so its SD-Trans depth "
+        f"branch runs only when {enc_name} itself receives a stack of volumes (B, C, S, D, H, W), which "
+        f"{type(model).__name__}.forward likely never passes (UNETR's does not): the depth adapters would stay "
+        f"unused. Inject into {enc_name} itself and call it with such stacks, or set space_depth=False.",
+        UserWarning, stacklevel=5)

@@ -79,18 +79,26 @@ class HostIntegration:
 _HOSTS: list[HostIntegration] = []
 
 
+def _load_builtins() -> None:
+    from ..adapters import hosts  # noqa: F401  (registers the built-ins; a no-op once imported)
+
+
 def register_host(integration: HostIntegration, first: bool = True) -> None:
-    """Add a host integration (checked before the built-ins when ``first``)."""
+    """Add a host integration (checked before the built-ins when ``first``); it replaces one of the same name.
+
+    The built-ins are loaded first, so a user integration registered before any model was searched
+    replaces a built-in of the same name rather than being replaced by it when the built-ins load.
+    """
     if not isinstance(integration, HostIntegration):
         raise ValueError(f"integration must be a HostIntegration, got {type(integration).__name__}")
+    _load_builtins()
     _HOSTS[:] = [h for h in _HOSTS if h.name != integration.name]
     _HOSTS.insert(0 if first else len(_HOSTS), integration)
 
 
 def registered_hosts() -> list[HostIntegration]:
     """The registered integrations, in lookup order (built-ins load on first use)."""
-    from ..adapters import hosts  # noqa: F401  (registers the built-ins)
-
+    _load_builtins()
     return list(_HOSTS)
 
 

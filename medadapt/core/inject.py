@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,9 +25,12 @@ class _InjectionRecord:
 
 
 def injected_configs(model: nn.Module) -> list[AdapterConfig]:
-    """The configs injected into ``model``, in order (empty for a plain model)."""
+    """Copies of the configs injected into ``model``, in order (empty for a plain model).
+
+    Copies: editing one must not change what :func:`~medadapt.core.io.save_adapter` records.
+    """
     record = getattr(model, _RECORD, None)
-    return list(record.configs) if record is not None else []
+    return copy.deepcopy(record.configs) if record is not None else []
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
@@ -46,15 +50,20 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         ``model`` itself.
 
     Raises:
-        ValueError: ``config`` is not an AdapterConfig, the method is already injected, or nothing
-            matched ``target_modules`` (the model is left unchanged).
+        ValueError: ``config`` is not an AdapterConfig, the method is already injected, ``model`` lies
+            inside (or contains) a module injected by another ``inject`` call, or nothing matched
+            ``target_modules`` (the model is left unchanged).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, AdapterConfig):
         raise ValueError(f"config must be an AdapterConfig (e.g. MedSAConfig), got {type(config).__name__}")
     config.validate()
+    # the record keeps its own copy: the caller may edit or reuse ``config`` for another model afterwards,
+    # and what save_adapter writes must stay what was injected here
+    config = copy.deepcopy(config)
     record: _InjectionRecord | None = getattr(model, _RECORD, None)
+    _check_no_enclosing_injection(model, record)
     if record is not None and any(c.method == config.method for c in record.configs):
         raise ValueError(f"model already has {config.method!r} adapters; call remove_adapters first")
     _, apply = get_method(config.method)
@@ -72,6 +81,26 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     object.__setattr__(model, _RECORD, record)
     _freeze_all_but_adapters(model)
     return model
+
+
+def _check_no_enclosing_injection(model: nn.Module, record: _InjectionRecord | None) -> None:
+    """Refuse to inject where another ``inject`` call already owns adapters of this subtree.
+
+    Adapters in ``model`` without a record on ``model`` came from an ``inject`` into a module that
+    contains it; a record below ``model`` belongs to an ``inject`` into one of its submodules. Stacking
+    onto either puts wrappers of two injections into one module tree, and an adapter saved from one
+    of them cannot be loaded back into a fresh model.
+    """
+    for name, module in model.named_modules():
+        inner: _InjectionRecord | None = vars(module).get(_RECORD)  # its own, not read through a wrapper
+        if name and inner is not None:
+            raise ValueError(f"model: its submodule {name!r} already has medadapt adapters "
+                             f"({[c.method for c in inner.configs]}) from an inject into it; "
+                             f"inject into {name!r} again to stack another method, or remove_adapters({name}) first")
+    if record is None and any(isinstance(m, AdapterModule) for m in model.modules()):
+        raise ValueError(f"model ({type(model).__name__}) already contains medadapt adapters from an inject into a "
+                         "module that contains it; inject into that module instead (stack methods there), or "
+                         "remove_adapters from it first")
 
 
 def _unwrap_all(module: nn.Module, keep: set[int] | frozenset[int] = frozenset()) -> None:

@@ -159,3 +159,90 @@ def test_3d_native_encoder_keeps_its_volume_input():
     ref = vit(x)[0]
     ma.inject(vit, ma.MedSAConfig(space_depth=True))
     assert torch.equal(vit(x)[0], ref)
+
+
+def _timm_sd(**config):
+    torch.manual_seed(0)
+    model = tiny_timm_vit().double()
+    ma.inject(model, ma.MedSAConfig(space_depth=True, **config))
+    randomise_adapters(model)
+    return model.double()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """timm recomputes checkpointed blocks in backward, after the encoder call: the depth branch must run there too."""
+    model = _timm_sd(depth_pos_embed=3)
+    vol = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+
+    def grads(checkpointing):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        model.train()
+        model(vol).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and any("depth_adapter" in n for n in plain)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_image_call_after_a_volume_call_takes_no_depth_branch():
+    model = _timm_sd().eval()
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(images)
+        model(torch.randn(1, 3, 4, 32, 32, dtype=torch.float64))  # the slice count stays set after this call
+        assert torch.equal(model(images), before)
+
+
+def test_modules_to_save_copy_of_a_block_runs_its_depth_branch():
+    """modules_to_save deep-copies the block after SD-Trans wrapped it; the trained copy's branch must run."""
+    model = _timm_sd(modules_to_save=["blocks.1"]).eval()
+    branch = model.blocks[1].trained.attn
+    assert isinstance(branch, SpaceDepthAttention) and branch.depth_adapter.up.weight.requires_grad
+    vol = torch.randn(1, 3, 4, 32, 32, dtype=torch.float64)
+    model(vol).square().sum().backward()
+    assert branch.depth_adapter.up.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        out = model(vol)
+        branch.depth_adapter.up.weight.mul_(3)
+        assert not torch.allclose(model(vol), out)
+
+
+def test_depth_branch_leaves_host_hooks_and_saved_attention_alone():
+    """The depth branch reuses the host attention's forward; MONAI's att_mat and hooks keep the space attention."""
+    from monai.networks.nets import ViT
+
+    from medadapt.adapters.space_depth import innermost
+
+    torch.manual_seed(0)
+    vit = ViT(in_channels=1, img_size=(16, 16), patch_size=(4, 4), hidden_size=48, mlp_dim=96, num_layers=1,
+              num_heads=3, spatial_dims=2, save_attn=True).eval()
+    ma.inject(vit, ma.MedSAConfig(space_depth=True))
+    randomise_adapters(vit)
+    sab = innermost(vit.blocks[0].attn)
+    calls = []
+    sab.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    with torch.no_grad():
+        vit(torch.randn(2, 1, 3, 16, 16))
+    assert calls == [(6, 16, 48)]  # the space call only
+    assert sab.att_mat.shape == (6, 3, 16, 16)
+    assert vit.blocks[0].attn.att_mat is sab.att_mat  # read through the wrappers
+
+
+def test_space_depth_on_unetr_warns_that_the_depth_branch_is_unreachable():
+    import warnings
+
+    from monai.networks.nets import UNETR
+    from tiny_models import tiny_sam
+
+    torch.manual_seed(0)
+    unetr = UNETR(in_channels=1, out_channels=2, img_size=(16, 16, 16), feature_size=8, hidden_size=48, mlp_dim=96,
+                  num_heads=3)
+    with pytest.warns(UserWarning, match=r"vit itself"):
+        ma.inject(unetr, ma.MedSAConfig(space_depth=True))
+    with warnings.catch_warnings():  # a 2D encoder inside a model gets volumes by direct calls: no warning
+        warnings.simplefilter("error")
+        ma.inject(tiny_sam(depth=2), ma.MedSAConfig(space_depth=True))
+        ma.inject(tiny_monai_vit(), ma.MedSAConfig(space_depth=True))  # the 3D encoder itself: no warning

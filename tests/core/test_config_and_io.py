@@ -216,3 +216,15 @@ def test_atomic_picture_without_extension_is_png(tmp_path):
     save_curves(tmp_path / "curves", history, ["wm"])
     assert (tmp_path / "curves").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["curves"]
+
+
+def test_inject_records_a_copy_of_the_config(tmp_path):
+    """Reusing the config object for another run must not change what the first model saves."""
+    config = ma.MedSAConfig(mlp_ratio=0.25)
+    model = ma.inject(sam_model(), config)
+    config.mlp_ratio = 0.5
+    injected_configs(model)[0].mlp_ratio = 0.75  # a copy as well
+    assert injected_configs(model)[0].mlp_ratio == 0.25
+    ma.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["configs"][0]["mlp_ratio"] == 0.25
+    ma.load_adapter(sam_model(), tmp_path)

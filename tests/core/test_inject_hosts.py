@@ -167,3 +167,49 @@ def test_modules_to_save_trains_host_layers_under_nested_wrappers():
     assert all(p.requires_grad for p in decoder.trained.parameters())
     assert not any(p.requires_grad for p in decoder.base_layer.parameters())
     assert not any(p.requires_grad for p in sam.prompt_encoder.parameters())
+
+
+def test_inject_into_part_of_an_injected_model_rejected():
+    """Two injections in one module tree stack wrappers that a saved adapter cannot be loaded back into."""
+    from tiny_models import tiny_sam
+
+    torch.manual_seed(0)
+    sam = ma.inject(tiny_sam(depth=2), ma.MedSAConfig())
+    tree = repr(sam)
+    with pytest.raises(ValueError, match="module that contains it"):
+        ma.inject(sam.image_encoder, ma.MedSAConfig(space_depth=True))
+    assert repr(sam) == tree
+    torch.manual_seed(0)
+    sam = tiny_sam(depth=2)
+    ma.inject(sam.image_encoder, ma.MedSAConfig())
+    with pytest.raises(ValueError, match="submodule 'image_encoder' already has"):
+        ma.inject(sam, ma.MedSAConfig(hyper_prompt=True))
+    assert not hasattr(sam, "_medadapt_record")
+
+
+def test_user_host_registered_before_the_builtins_load_is_kept(monkeypatch):
+    """The built-ins load lazily; loading them must not replace a user integration of the same name."""
+    import sys
+
+    import medadapt.adapters
+    from medadapt.core import hosts
+
+    monkeypatch.setattr(hosts, "_HOSTS", [])
+    for name in [m for m in sys.modules if m.startswith("medadapt.adapters.hosts")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(medadapt.adapters, "hosts", raising=False)
+    mine = ma.HostIntegration(name="timm", block_types=("timm.models.vision_transformer:Block",))
+    ma.register_host(mine)
+    registered = hosts.registered_hosts()
+    assert registered[0] is mine and [h.name for h in registered].count("timm") == 1
+    assert {"sam", "monai"} <= {h.name for h in registered}
+
+
+def test_wrapped_host_modules_answer_attribute_reads():
+    model, _ = build("timm")
+    ma.inject(model, ma.MedSAConfig())
+    attn, mlp = model.encoder.blocks[0].attn, model.encoder.blocks[0].mlp
+    assert isinstance(attn, SequentialAdapterWrapper) and attn.num_heads == 3
+    assert mlp.fc1 is mlp.base_layer.fc1
+    with pytest.raises(AttributeError):
+        attn.no_such_attribute  # noqa: B018
