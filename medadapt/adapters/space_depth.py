@@ -17,6 +17,7 @@ without which the depth branch cannot tell slice order.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Iterator
 
@@ -145,6 +146,7 @@ class VolumeInput(AdapterModule):
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.image_ndim = _image_ndim(encoder)
+        self._input_name = _first_parameter(encoder)  # the volume may come by keyword: encoder(x=volume)
         self._batch: int | None = None
         self._handles = [encoder.register_forward_pre_hook(self._before, with_kwargs=True),
                          encoder.register_forward_hook(self._after)]
@@ -156,7 +158,8 @@ class VolumeInput(AdapterModule):
                 m._slices = slices
 
     def _before(self, module, args, kwargs):
-        x = args[0] if args else None
+        by_name = not args and self._input_name in kwargs
+        x = args[0] if args else kwargs.get(self._input_name) if by_name else None
         if not isinstance(x, torch.Tensor) or x.dim() != self.image_ndim + 1:
             self._batch = None
             self._set(module, None)
@@ -165,6 +168,8 @@ class VolumeInput(AdapterModule):
         flat = x.transpose(1, 2).reshape(b * d, c, *x.shape[3:])
         self._batch = b
         self._set(module, (d, b * d))
+        if by_name:
+            return args, {**kwargs, self._input_name: flat}
         return (flat, *args[1:]), kwargs
 
     def _after(self, module, args, output):
@@ -176,6 +181,16 @@ class VolumeInput(AdapterModule):
     def on_remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _first_parameter(encoder: nn.Module) -> str | None:
+    """Name of the first parameter of ``encoder.forward`` (the image), None when it takes only ``*args``."""
+    try:
+        parameters = list(inspect.signature(encoder.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return parameters[0].name if parameters and parameters[0].kind in kinds else None
 
 
 def _unflatten(output, batch: int):

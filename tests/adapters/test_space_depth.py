@@ -196,6 +196,13 @@ def test_image_call_after_a_volume_call_takes_no_depth_branch():
         assert torch.equal(model(images), before)
 
 
+def test_a_volume_given_by_keyword_is_split_like_a_positional_one():
+    model = _timm_sd().eval()
+    volume = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x=volume), model(volume), rtol=0, atol=0)
+
+
 def test_modules_to_save_copy_of_a_block_runs_its_depth_branch():
     """modules_to_save deep-copies the block after SD-Trans wrapped it; the trained copy's branch must run."""
     model = _timm_sd(modules_to_save=["blocks.1"]).eval()
