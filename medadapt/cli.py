@@ -21,13 +21,13 @@ __all__ = ["DEMO_JOB", "FINETUNE_2D_JOB", "FINETUNE_3D_JOB", "PRETRAIN_JOB", "SE
 FINETUNE_2D_JOB = "medadapt.train.finetune2d:main"
 FINETUNE_3D_JOB = "medadapt.train.finetune3d:main"
 PRETRAIN_JOB = "medadapt.mim.pretrain:main"
-SEGMENT_JOB = "medadapt.train.segment3d:main"
+SEGMENT_JOB = "medadapt.train.segment_job:main"
 DEMO_JOB = FINETUNE_3D_JOB
 
 _COMMANDS = {
     "demo": "the main job with its defaults: 3D SAM fine-tune (SD-Trans + HyP-Adpt) on the bundled MNI152 volume",
     "finetune": "fine-tune Med-SA adapters on SAM with prompts (2D slices; --3d for volumes with SD-Trans + HyP-Adpt)",
-    "segment": "apply a fine-tune (its output folder) to a NIfTI volume: a label map on the volume's grid",
+    "segment": "apply a fine-tune (its output folder) to NIfTI volumes: label maps on their own grids, Dice",
     "pretrain": "MambaMIM self-supervised pretraining (medadapt.mim.pretrain)",
     "bench": "run the benchmark scripts (benchmarks/bench_*.py of a source checkout)",
 }

@@ -97,12 +97,12 @@ def test_tiny_2d_finetune_writes_adapter_figures_and_metrics(tmp_path, capsys):
     mni = tmp_path.parent / "mni_cache" / "mni152"
     image, tissue = mni / "t1_2mm.nii.gz", mni / "tissue_2mm_t0.5.nii.gz"
     assert main(["segment", "--run", str(out), "--image", str(image), "--prompt-label", str(tissue), "--reference",
-                 str(tissue), "--out", str(tmp_path / "wm.nii.gz"), "--no-progress"]) == 0
+                 str(tissue), "--out", str(tmp_path / "wm"), "--no-progress"]) == 0
     import nibabel as nib
 
-    written = nib.load(str(tmp_path / "wm.nii.gz"))
+    written = nib.load(str(tmp_path / "wm" / "t1_2mm_seg.nii.gz"))
     assert written.shape == nib.load(str(image)).shape and set(np.unique(np.asarray(written.dataobj))) <= {0, 2}
-    assert "white_matter" in json.loads((tmp_path / "wm.json").read_text())["dice_per_class"]
+    assert "white_matter" in json.loads((tmp_path / "wm" / "segment.json").read_text())["mean_dice_per_class"]
 
 
 def test_bench_lists_and_runs_the_finetune_benchmark(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """Apply a fine-tune to a new volume: a label map on the volume's own voxel grid, written as NIfTI.
 
-    medadapt segment --run runs/finetune3d --image case.nii.gz --prompt-label rough.nii.gz --out case_seg.nii.gz
-    medadapt segment --run runs/finetune3d --image case.nii.gz --box 1 40 52 30 70 90 61 --reference seg.nii.gz
+    sam, spec = load_run("runs/finetune3d")
+    segment_file(sam, spec, "case.nii.gz", "case_seg.nii.gz", prompt_label="rough.nii.gz", reference="seg.nii.gz")
 
 The run folder's ``job.json`` (:mod:`medadapt.train.run_spec`; written by the 3D job and by the 2D one, whose
 "slabs" are single slices) says how to rebuild the model and how its training volumes were prepared; the new
@@ -20,17 +20,16 @@ training slabs, and SAM returns mask logits at each slice's full in-plane size. 
 its highest logit among the classes prompted there, or background when no logit is above 0. MONAI's
 ``Invertd`` maps the label map back through the crop, spacing and orientation onto the file's voxel grid
 (nearest neighbour); the NIfTI is written with the image's affine. With ``--reference`` the Dice per class
-against it is computed on that grid; ``overlays.png`` shows a few slices.
+against it is computed on that grid; ``overlays`` shows a few slices. The command line
+(``medadapt segment``, one volume or a set of cases) is :mod:`medadapt.train.segment_job`.
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
-import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,15 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._atomic import atomic_write_bytes, atomic_write_text
+from .._atomic import atomic_write_bytes
 from .._optional import require
 from ..data.prompts import class_masks, interior_points, mask_bounding_boxes
 from ..data.volumes import _nifti_header, _spatial_shape, build_volume_preprocessing
 from .prompted import PromptedSAM
-from .run_spec import RunSpec, load_run
+from .run_spec import RunSpec
 
-__all__ = ["SegmentResult", "build_parser", "box_prompt_map", "main", "predict_label_map", "segment_file",
-           "slab_starts"]
+__all__ = ["SegmentResult", "box_prompt_map", "predict_label_map", "segment_file", "slab_starts"]
 
 
 @dataclass
@@ -268,63 +266,3 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
         pre_truth = None if truth is None else torch.round(data["reference"][0].as_tensor()).long()
         _save_overlays(Path(overlays), pre_image, label, pre_prompt, pre_truth, spec)
     return SegmentResult(output, voxels, dice, time.monotonic() - started, Path(overlays) if overlays else None)
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Segment a NIfTI volume with a fine-tune's SAM + adapters (the output folder of "
-                               "`medadapt demo` / `medadapt finetune [--3d]`), prompted per slice from a class map or "
-                               "from 3D boxes; writes the label map on the image's voxel grid.")
-    parser.add_argument("--run", required=True, metavar="FOLDER",
-                        help="the fine-tune's output folder (job.json + adapter/)")
-    parser.add_argument("--image", required=True, metavar="NIFTI", help="the volume to segment (.nii/.nii.gz)")
-    prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt-label", metavar="NIFTI",
-                         help="class map the per-slice prompts are taken from (a coarse mask, another tool's output)")
-    prompts.add_argument("--box", type=int, nargs=7, action="append",
-                         metavar=("CLASS", "X0", "Y0", "Z0", "X1", "Y1", "Z1"),
-                         help="a 3D box (voxel indices of --image, inclusive) prompting CLASS; repeat for more")
-    parser.add_argument("--reference", metavar="NIFTI", default=None, help="class map to report the Dice against")
-    parser.add_argument("--out", default=None, metavar="NIFTI",
-                        help="label map to write (default: <run>/segment/<image name>_seg.nii.gz)")
-    parser.add_argument("--checkpoint", default=None, metavar="PATH",
-                        help="SAM weights, when the run's checkpoint has moved (the same weights)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    return parser
-
-
-def _image_stem(path: str) -> str:
-    name = Path(path).name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None, log: Callable[[str], None] = print) -> int:
-    """Command-line entry (``medadapt segment``)."""
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out) if args.out else Path(args.run) / "segment" / f"{_image_stem(args.image)}_seg.nii.gz"
-    if not out.name.lower().endswith((".nii", ".nii.gz")):
-        parser.error(f"--out must end in .nii or .nii.gz, got {str(out)!r}")
-    try:
-        model, spec = load_run(args.run, args.checkpoint, device)
-        result = segment_file(model, spec, args.image, out, args.prompt_label, args.box or (), args.reference,
-                              device, overlays=out.with_name(_image_stem(out.name) + "_overlays.png"),
-                              progress=not args.no_progress)
-    except ValueError as err:
-        parser.error(str(err))
-    record = {"image": args.image, "output": str(result.output), "run": args.run, "prompt": spec.prompt,
-              "voxels_per_class": result.voxels_per_class, "dice_per_class": result.dice_per_class,
-              "seconds": round(result.seconds, 2)}
-    atomic_write_text(out.with_name(_image_stem(out.name) + ".json"), json.dumps(record, indent=2) + "\n")
-    dice = ("" if result.dice_per_class is None else " | Dice vs reference "
-            + ", ".join(f"{k} {v:.3f}" for k, v in result.dice_per_class.items()))
-    log(f"[segment] {args.image} -> {result.output}: voxels {result.voxels_per_class}{dice} "
-        f"| {result.seconds:.1f} s on {device}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-

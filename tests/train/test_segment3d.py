@@ -13,6 +13,8 @@ from torch import nn
 from medadapt.cli import main as cli_main
 from medadapt.train.run_spec import JOB_FILE, RunSpec, load_run, read_run_spec
 from medadapt.train.segment3d import box_prompt_map, predict_label_map, segment_file, slab_starts
+from medadapt.train.segment_job import main as main_segment
+from medadapt.train.segment_job import resolve_cases
 
 # voxel axes permuted and flipped against RAS, anisotropic: the preprocessing reorients and crops
 AFFINE = np.array([[0.0, -2.0, 0.0, 30.0], [1.5, 0.0, 0.0, -12.0], [0.0, 0.0, -2.5, 8.0], [0.0, 0.0, 0.0, 1.0]])
@@ -135,17 +137,58 @@ def test_train_then_segment_from_the_command_line(tmp_path, prompt):
                      "--no-compare"]) == 0
     spec = read_run_spec(run)
     assert (spec.prompt, spec.classes, spec.depth, spec.arch) == (prompt, [1, 2], 2, "tiny")
-    out = tmp_path / "seg" / "case_seg.nii.gz"
     assert cli_main(["segment", "--run", str(run), "--image", image, "--prompt-label", label, "--reference", label,
-                     "--out", str(out), "--no-progress"]) == 0
-    written = nib.load(str(out))
+                     "--out", str(tmp_path / "seg"), "--no-progress"]) == 0
+    written = nib.load(str(tmp_path / "seg" / "case_seg.nii.gz"))
     assert written.shape == nib.load(image).shape and set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
-    record = json.loads((tmp_path / "seg" / "case_seg.json").read_text())
-    assert set(record["dice_per_class"]) == {"class_1", "class_2"}
-    assert (tmp_path / "seg" / "case_seg_overlays.png").stat().st_size > 0
-    # the model segment rebuilt is the trained one: same adapter output as the run's own saved weights
-    sam, _ = load_run(run)
-    assert not sam.training
+    record = json.loads((tmp_path / "seg" / "segment.json").read_text())
+    assert set(record["cases"][0]["dice_per_class"]) == {"class_1", "class_2"} and record["prompt"] == prompt
+    assert record["mean_dice_per_class"] == record["cases"][0]["dice_per_class"]
+    assert (tmp_path / "seg" / "case_overlays.png").stat().st_size > 0
+
+
+def test_a_folder_of_cases_gives_dice_per_case_and_their_mean(tmp_path):
+    from test_finetune3d import _write_pair
+
+    from medadapt.core.config import MedSAConfig
+    from medadapt.core.inject import inject
+    from medadapt.core.io import save_adapter
+    from medadapt.train import build_sam
+    from medadapt.train.run_spec import backbone_fingerprint
+
+    sam = build_sam("tiny", 32, seed=0)
+    spec = _spec(depth=2, backbone_fingerprint=backbone_fingerprint(sam))
+    inject(sam, MedSAConfig(modules_to_save=["mask_decoder"]))
+    save_adapter(sam, tmp_path / "run" / "adapter")
+    spec.save(tmp_path / "run")
+    for name in ("a", "b"):
+        _write_pair(tmp_path / "cases", slices=6, name=name)
+    lines = []
+    assert main_segment(["--run", str(tmp_path / "run"), "--data-dir", str(tmp_path / "cases"), "--no-progress"],
+                        log=lines.append) == 0
+    record = json.loads((tmp_path / "run" / "segment" / "segment.json").read_text())
+    assert [Path(c["output"]).name for c in record["cases"]] == ["a_seg.nii.gz", "b_seg.nii.gz"]
+    for name in ("a", "b"):
+        np.testing.assert_allclose(nib.load(str(tmp_path / "run" / "segment" / f"{name}_seg.nii.gz")).affine, np.eye(4))
+    per_case = [c["dice_per_class"]["a"] for c in record["cases"]]
+    assert record["mean_dice_per_class"]["a"] == pytest.approx(sum(per_case) / 2)
+    assert lines[-1].startswith("[segment] 2 case(s) with a reference: mean Dice a ")
+
+
+def test_segment_arguments_that_do_not_pair_up_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="2 --image but 1 --prompt-label"):
+        resolve_cases(["a.nii", "b.nii"], ["la.nii"])
+    with pytest.raises(ValueError, match="--box prompts a single --image"):
+        resolve_cases(["a.nii", "b.nii"], boxes=[[1, 0, 0, 0, 1, 1, 1]])
+    with pytest.raises(ValueError, match="--data-dir takes its images"):
+        resolve_cases(["a.nii"], data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="1 --image but 2 --reference"):
+        resolve_cases(["a.nii"], ["la.nii"], references=["r1.nii", "r2.nii"])
+    with pytest.raises(ValueError, match="name the volumes"):
+        resolve_cases()
+    assert resolve_cases(["a.nii"], boxes=[[1, 0, 0, 0, 1, 1, 1]], references=["r.nii"])[0].reference == "r.nii"
+    with pytest.raises(SystemExit):
+        cli_main(["segment", "--run", str(tmp_path), "--image", "a.nii"])  # no prompt: a usage error
 
 
 def test_load_run_refuses_another_backbone(tmp_path, monkeypatch):
