@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["require", "is_available"]
+__all__ = ["MissingExtra", "is_available", "require"]
 
 # module name -> extra that provides it
 _EXTRA_OF = {
@@ -33,6 +33,10 @@ def is_available(module: str) -> bool:
     return True
 
 
+class MissingExtra(ImportError):
+    """An optional package is not installed; the message names the medadapt extra that installs it."""
+
+
 def require(module: str, feature: str | None = None) -> ModuleType:
     """Import ``module`` or raise an ImportError naming the medadapt extra that installs it.
 
@@ -45,7 +49,7 @@ def require(module: str, feature: str | None = None) -> ModuleType:
     except ImportError as err:
         extra = _EXTRA_OF.get(module.split(".")[0], "all")
         what = feature or module
-        raise ImportError(
+        raise MissingExtra(
             f"{what} needs the optional package '{module}', which is not installed: "
             f"pip install 'medadapt[{extra}]'"
         ) from err

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ._optional import MissingExtra
+
 __all__ = ["DEMO_JOB", "FINETUNE_2D_JOB", "FINETUNE_3D_JOB", "PRETRAIN_JOB", "SEGMENT_JOB", "main"]
 
 # "module:function" of each job; `demo` is the main job with its defaults
@@ -147,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown command {command!r}; choose from {', '.join(_COMMANDS)}")
     try:
         return _RUNNERS[command](rest)
-    except CommandUnavailable as err:
+    except (CommandUnavailable, MissingExtra) as err:  # a missing extra's message says what to install
         print(f"medadapt {command}: {err}", file=sys.stderr)
         return 2
 

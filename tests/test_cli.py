@@ -135,3 +135,26 @@ def test_3d_flag_is_an_option_only_before_the_separator(monkeypatch):
     from medadapt.cli import FINETUNE_2D_JOB, FINETUNE_3D_JOB
     assert calls == [(FINETUNE_3D_JOB, ["--epochs", "2", "--out", "run"]),
                      (FINETUNE_2D_JOB, ["--out", "run", "--", "--3d"])]
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
+    from medadapt._optional import MissingExtra
+
+    def missing(argv):
+        raise MissingExtra("the demo volume needs the optional package 'nilearn', which is not installed: "
+                           "pip install 'medadapt[demo]'")
+
+    monkeypatch.setitem(__import__("medadapt.cli", fromlist=["_RUNNERS"])._RUNNERS, "demo", missing)
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("medadapt demo: the demo volume needs the optional package 'nilearn', which is not "
+                           "installed: pip install 'medadapt[demo]'")
+
+
+def test_bench_mambamim_smoke(tmp_path):
+    assert main(["bench", "mambamim", "--dir", str(ROOT / "benchmarks"), "--", "--size", "32", "--batch", "1",
+                 "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    import csv
+
+    (row,) = list(csv.DictReader(open(tmp_path / "mambamim_step_cpu.csv")))
+    assert row["size"] == "32" and float(row["step_s"]) > 0 and int(row["encoder_params"]) > 9_000_000

@@ -51,8 +51,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--data", help="folder of .nii/.nii.gz volumes (default: the bundled MNI152 T1)")
     p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), help="intensity window, e.g. -175 250")
-    p.add_argument("--out", default="runs/mambamim", help="output folder")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--out", default="runs/mambamim", help="output folder (default runs/mambamim)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="encoder and recipe sizes: small (CPU demo, default) or paper")
     p.add_argument("--channels", type=_ints, help="CNN widths, e.g. 32,64,128,192,384")
     p.add_argument("--depths", type=_ints, help="blocks per stage (default: preset, or 1 each)")
     p.add_argument("--expansions", type=_ints, help="MedNeXt expansion per stage (default: preset, or 2)")

@@ -121,9 +121,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_img_size: int |
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Fine-tune Med-SA adapters + SAM's mask decoder on axial MNI152 T1 slices "
-                               "(white matter), with held-out Dice before and after.")
+                               "(white matter), with held-out Dice before and after.",
+        epilog="`medadapt finetune --3d ...` runs the 3D job instead (SD-Trans + HyP-Adpt on slabs, your own "
+               "volumes); its options: `medadapt finetune --3d --help`.")
     parser.add_argument("--prompt", choices=("box", "point"), default="box", help="prompt per slice (default box)")
-    parser.add_argument("--out", default="runs/finetune2d", help="output folder (adapter/, PNGs, metrics.json)")
+    parser.add_argument("--out", default="runs/finetune2d",
+                        help="output folder: adapter/, PNGs, metrics.json, job.json (default runs/finetune2d)")
     parser.add_argument("--cache-dir", default=None, metavar="FOLDER",
                         help="where the MNI152 volume is cached (default $MEDADAPT_CACHE or ~/.cache/medadapt)")
     add_model_arguments(parser)
