@@ -110,6 +110,9 @@ def predict_label_map(model: nn.Module, image: torch.Tensor, prompt_map: torch.T
         masks = torch.rot90(prompts[span], turns, (-2, -1))  # (D, K, H', W')
         batch = _slice_prompts(masks, spec.prompt)
         present = batch.pop("present")  # (D, K)
+        if not present.any():  # nothing prompted in this slab: background, no model call
+            done[span] = True
+            continue
         batch["image"] = slab[None, None].expand(1, 3, -1, -1, -1)
         batch["label_size"] = tuple(slab.shape[-2:])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

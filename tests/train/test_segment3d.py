@@ -208,3 +208,17 @@ def test_load_run_refuses_another_backbone(tmp_path, monkeypatch):
     RunSpec(**{**spec.__dict__, "seed": 4}).save(tmp_path)
     with pytest.raises(ValueError, match="rebuilt from seed 4 .* does not have the weights"):
         load_run(tmp_path)
+
+
+def test_slabs_without_any_prompt_skip_the_model():
+    calls = []
+
+    class Counting(BoxEcho):
+        def forward(self, batch):
+            calls.append(batch["boxes"].shape)
+            return super().forward(batch)
+
+    prompt = torch.zeros(6, 7, 9, dtype=torch.long)
+    prompt[2:4, 2:5, 4] = 1  # only slice 4 is prompted: one slab of the three (D = 3)
+    label = predict_label_map(Counting(), torch.rand(6, 7, 9), prompt, _spec(quarter_turns=0))
+    assert len(calls) == 1 and torch.equal(label, prompt)
