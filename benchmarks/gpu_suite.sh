@@ -36,7 +36,7 @@ log="$OUT/gpu_log_${part}.txt"
   if [[ $part == adapter_modes ]]; then
     timeout 260 python3 benchmarks/tune_adapter.py --out "$OUT"
     timeout 180 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_adapter_cuda.py \
-      tests/adapters/test_placement.py
+      tests/adapters/test_placement.py tests/train/test_segment3d.py::test_segment_on_cuda_agrees_with_cpu
     timeout 150 python3 benchmarks/bench_adapter.py --out "$OUT" --graphs --batches 1 8 \
       ${BENCH_MODE:+--backward-mode "$BENCH_MODE"}
   fi
