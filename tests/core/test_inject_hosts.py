@@ -135,7 +135,11 @@ def test_double_inject_of_same_method_rejected():
         ma.inject(model, ma.MedSAConfig())
 
 
-def test_user_registered_host_block():
+def test_user_registered_host_block(monkeypatch):
+    from medadapt.core import hosts
+
+    monkeypatch.setattr(hosts, "_HOSTS", list(hosts.registered_hosts()))  # the registration ends with the test
+
     class MyBlock(torch.nn.Module):
         def __init__(self):
             super().__init__()
