@@ -100,7 +100,7 @@ def test_tiny_2d_finetune_writes_adapter_figures_and_metrics(tmp_path, capsys):
                  str(tissue), "--out", str(tmp_path / "wm"), "--no-progress"]) == 0
     import nibabel as nib
 
-    written = nib.load(str(tmp_path / "wm" / "t1_2mm_seg.nii.gz"))
+    written = nib.load(str(tmp_path / "wm" / "t1_2mm_pred.nii.gz"))
     assert written.shape == nib.load(str(image)).shape and set(np.unique(np.asarray(written.dataobj))) <= {0, 2}
     assert "white_matter" in json.loads((tmp_path / "wm" / "segment.json").read_text())["mean_dice_per_class"]
 

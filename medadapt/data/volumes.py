@@ -210,8 +210,10 @@ def build_volume_preprocessing(keys: Sequence[str] = ("image", "label"), pixdim:
         steps.append(transforms.ScaleIntensityRangePercentilesd(keys=image_key, lower=percentiles[0],
                                                                 upper=percentiles[1], b_min=0.0, b_max=1.0,
                                                                 clip=True))
+    elif intensity == "minmax":
+        steps.append(transforms.ScaleIntensityd(keys=image_key, minv=0.0, maxv=1.0))
     elif intensity is not None:
-        raise ValueError(f"intensity must be 'window', 'percentile' or None, got {intensity!r}")
+        raise ValueError(f"intensity must be 'window', 'percentile', 'minmax' or None, got {intensity!r}")
     if crop_foreground not in (None, "image", "label"):
         raise ValueError(f"crop_foreground must be 'image', 'label' or None, got {crop_foreground!r}")
     if crop_foreground is not None:
@@ -234,7 +236,8 @@ def build_volume_transforms(pixdim: Sequence[float] | None = None, orientation: 
     zeros outside the label's field of view; a no-op when the affines agree within 1e-3);
     intensity is ``"window"`` (``ScaleIntensityRanged``: ``[a, b] → [0, 1]``, clipped, e.g. CT HU
     [−175, 250]), ``"percentile"`` (``ScaleIntensityRangePercentilesd``: the given percentiles
-    → [0, 1], clipped; for MRI) or None. ``crop_foreground="image"`` keeps the bounding box of
+    → [0, 1], clipped; for MRI), ``"minmax"`` (``ScaleIntensityd``: the volume's minimum and maximum → 0
+    and 1) or None. ``crop_foreground="image"`` keeps the bounding box of
     ``image > 0`` plus ``margin`` voxels, ``"label"`` that of ``label > 0``, None no crop.
     The steps after loading are :func:`build_volume_preprocessing`.
     """

@@ -70,7 +70,10 @@ def mni152_slice_sets(size: int, label_class: int = 2, min_pixels: int = 50, hel
         raise ValueError(f"gap must be an integer >= 0, got {gap!r}")
     nib = require("nibabel", "the MNI152 demo volume")
     image_path, label_path = write_mni152_tissue(cache_dir, resolution=resolution)
-    volume = {"image": nib.load(os.fspath(image_path)).get_fdata(dtype="float32"),
+    image = nib.load(os.fspath(image_path)).get_fdata(dtype="float32")
+    # min-max to [0, 1] (the template holds 0 .. 0.988): what `medadapt segment` repeats on other volumes
+    image = (image - image.min()) / max(float(image.max() - image.min()), 1e-8)
+    volume = {"image": image,
               "label": nib.load(os.fspath(label_path)).get_fdata(dtype="float32").round().astype("int64")}
     counts = (torch.as_tensor(volume["label"]) == label_class).sum((0, 1))
     rich = torch.nonzero(counts >= min_pixels).flatten()
@@ -144,10 +147,11 @@ def run(args: argparse.Namespace, ctx: DistContext | None = None, log=print) -> 
     sam = build_sam(args.arch, img_size, args.checkpoint, seed=args.seed)
     label_class = 2
     classes, names = [label_class], [TISSUE_CLASSES[label_class]]
-    # the slices come straight from the cached NIfTI (already in [0, 1], RAS): no preprocessing to repeat
+    # the slices come from the cached RAS NIfTI, min-max scaled, uncropped: the same steps for other volumes
     spec = RunSpec(arch=args.arch, img_size=img_size, depth=1, prompt=args.prompt, classes=classes, class_names=names,
-                   seed=args.seed, checkpoint=args.checkpoint, backbone_fingerprint=backbone_fingerprint(sam),
-                   volume_options={"orientation": None, "intensity": None, "crop_foreground": None}, job="finetune2d")
+                   seed=args.seed, checkpoint=None if args.checkpoint is None else os.path.abspath(args.checkpoint),
+                   backbone_fingerprint=backbone_fingerprint(sam), job="finetune2d",
+                   volume_options={"orientation": "RAS", "intensity": "minmax", "crop_foreground": None})
     inject(sam, MedSAConfig(mlp_ratio=args.mlp_ratio, modules_to_save=["mask_decoder"]))
     sam.to(ctx.device)
     train_set, held_set = mni152_slice_sets(img_size, label_class, cache_dir=args.cache_dir)

@@ -24,10 +24,14 @@ from .._fingerprint import weights_fingerprint
 from ..core.io import load_adapter
 from .sam_factory import SAM_GEOMETRIES, build_sam
 
-__all__ = ["JOB_FILE", "RUN_SPEC_VERSION", "RunSpec", "backbone_fingerprint", "load_run", "read_run_spec"]
+__all__ = ["JOB_FILE", "RUN_SPEC_VERSION", "VOLUME_OPTION_KEYS", "RunSpec", "backbone_fingerprint", "load_run",
+           "read_run_spec"]
 
 JOB_FILE = "job.json"
 RUN_SPEC_VERSION = 1
+# keyword arguments of medadapt.data.build_volume_preprocessing that a run may record
+VOLUME_OPTION_KEYS = frozenset({"pixdim", "orientation", "intensity", "window", "percentiles", "crop_foreground",
+                                "margin"})
 
 
 @dataclass
@@ -67,16 +71,20 @@ class RunSpec:
                              "of the same length")
         if self.axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {self.axis!r}")
+        if not isinstance(self.quarter_turns, int) or isinstance(self.quarter_turns, bool):
+            raise ValueError(f"quarter_turns must be an integer, got {self.quarter_turns!r}")
+        if not isinstance(self.volume_options, dict) or set(self.volume_options) - VOLUME_OPTION_KEYS:
+            raise ValueError(f"volume_options must be a dict with keys among {sorted(VOLUME_OPTION_KEYS)}, got "
+                             f"{self.volume_options!r}")
 
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write ``<run_dir>/job.json`` (atomically); returns its path."""
         path = Path(run_dir) / JOB_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         record = asdict(self)
-        if "window" in record["volume_options"]:
-            record["volume_options"]["window"] = list(record["volume_options"]["window"])
-        if "pixdim" in record["volume_options"]:
-            record["volume_options"]["pixdim"] = list(record["volume_options"]["pixdim"])
+        for key in ("window", "pixdim", "percentiles"):
+            if record["volume_options"].get(key) is not None:
+                record["volume_options"][key] = list(record["volume_options"][key])
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
         return path
 
@@ -85,7 +93,7 @@ def read_run_spec(run_dir: str | os.PathLike) -> RunSpec:
     """The :class:`RunSpec` in ``<run_dir>/job.json``.
 
     Raises:
-        ValueError naming the file: missing (not a 3D fine-tune's folder), not JSON, unknown fields,
+        ValueError naming the file: missing (not a fine-tune's folder), not JSON, unknown fields,
         a newer ``format_version``.
     """
     path = Path(run_dir) / JOB_FILE
@@ -102,12 +110,18 @@ def read_run_spec(run_dir: str | os.PathLike) -> RunSpec:
     unknown = sorted(set(record) - known)
     if unknown:
         raise ValueError(f"{str(path)!r} has unknown fields {unknown} (written by a newer medadapt?)")
-    if int(record.get("format_version", 1)) > RUN_SPEC_VERSION:
+    version = record.get("format_version", 1)
+    if not isinstance(version, int):
+        raise ValueError(f"{str(path)!r}: format_version must be an integer, got {version!r}")
+    if version > RUN_SPEC_VERSION:
         raise ValueError(f"{str(path)!r} has format_version {record['format_version']}; this medadapt reads "
                          f"up to {RUN_SPEC_VERSION}: upgrade medadapt")
-    options = dict(record.get("volume_options", {}))
-    for key in ("window", "pixdim"):
-        if key in options:
+    options = record.get("volume_options", {})
+    if not isinstance(options, dict):
+        raise ValueError(f"{str(path)!r}: volume_options must be a JSON object, got {options!r}")
+    options = dict(options)
+    for key in ("window", "pixdim", "percentiles"):
+        if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
     record["volume_options"] = options
     try:
@@ -127,7 +141,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
     """Rebuild a run's SAM with its trained adapter, in eval mode on ``device``.
 
     Args:
-        run_dir: a 3D fine-tune's output folder (``job.json`` + ``adapter/``).
+        run_dir: a fine-tune's output folder (``job.json`` + ``adapter/``; 2D or 3D job).
         checkpoint: the SAM weights when the run used a checkpoint that now lives elsewhere (default: the
             path in ``job.json``); must be the same weights.
 

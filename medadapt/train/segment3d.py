@@ -29,6 +29,7 @@ from __future__ import annotations
 import gzip
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,18 +149,23 @@ def box_prompt_map(shape: Sequence[int], boxes: Sequence[Sequence[int]]) -> np.n
     return prompt
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray, value: int) -> float:
+def _dice(pred: np.ndarray, truth: np.ndarray, value: int) -> float | None:
+    """``2|P ∩ T| / (|P| + |T|)`` for class ``value``; None when the reference lacks the class (as MONAI's
+    ``DiceMetric(ignore_empty=True)`` of the training jobs' held-out Dice, so means skip it)."""
     a, b = pred == value, truth == value
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+    if not b.any():
+        return None
+    return 2.0 * int((a & b).sum()) / (int(a.sum()) + int(b.sum()))
 
 
 def _load_on_image_grid(path: str, image, role: str) -> np.ndarray:
     """A class map file as an int array on ``image``'s voxel grid (resampled, nearest, when its grid differs)."""
     transforms = require("monai.transforms", "volume transforms")
     header = _nifti_header(Path(path), role)
-    _spatial_shape(header, Path(path), role)
+    shape = _spatial_shape(header, Path(path), role)
     loaded = transforms.EnsureChannelFirst()(transforms.LoadImage(image_only=True)(path))
+    if loaded.ndim != 4:  # (X, Y, Z, 1, 1) files: drop the singleton axes as for the image
+        loaded = loaded.reshape(1, *shape)
     if tuple(loaded.shape[1:]) != tuple(image.shape[1:]) or not np.allclose(loaded.affine, image.affine, atol=1e-3):
         loaded = transforms.ResampleToMatch(mode="nearest", padding_mode="zeros")(loaded, img_dst=image)
     data = np.asarray(loaded[0])
@@ -243,6 +249,10 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
     if not torch.isin(pre_prompt, torch.as_tensor(spec.classes)).any():
         raise ValueError(f"the prompts hold no voxel of the run's classes {spec.classes} inside the (cropped) image "
                          f"{image_path!r}: check the prompt label's values or the boxes")
+    ignored = sorted(set(np.unique(prompt).tolist()) - {0, *spec.classes})
+    if ignored:
+        warnings.warn(f"prompt values {ignored} of {image_path!r} are not among the run's classes {spec.classes}: "
+                      "they prompt nothing", stacklevel=2)
     is_sam = hasattr(model, "image_encoder") and hasattr(model, "mask_decoder")
     prompted = PromptedSAM(model) if is_sam else model
     label = predict_label_map(prompted.eval(), pre_image, pre_prompt, spec, device, progress)
@@ -254,9 +264,13 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
     if result.shape != tuple(shape):
         raise RuntimeError(f"inverting the preprocessing gave shape {result.shape}, expected {tuple(shape)}")
     nib = require("nibabel", "NIfTI volumes")
-    out_header = header.header.copy()
+    out_header = header.header.copy()  # keeps qform/sform codes; the image's display and intent fields go
     out_header.set_data_dtype(np.int16)
     out_header.set_slope_inter(1, 0)
+    out_header["cal_min"], out_header["cal_max"] = 0, max(spec.classes)
+    out_header.set_intent("label")
+    out_header["descrip"] = b"medadapt segment"
+    out_header["aux_file"] = b""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     payload = nib.Nifti1Image(result, header.affine, out_header).to_bytes()

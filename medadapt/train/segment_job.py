@@ -8,9 +8,10 @@ The model is rebuilt once (:func:`~medadapt.train.run_spec.load_run`); each case
 :func:`~medadapt.train.segment3d.segment_file`. ``--image`` repeats, paired in order with ``--prompt-label``
 (and ``--reference``, optional); ``--box`` prompts a single ``--image``; ``--data-dir`` takes the pairs of a
 folder (:func:`~medadapt.data.find_volume_pairs`), each label being the prompt source and the reference
-(an evaluation of the prompted model on held-out cases). Writes ``<out>/<case>_seg.nii.gz`` and
-``<case>_overlays.png`` per case and ``<out>/segment.json`` (per case: files, voxels and Dice per class;
-the mean Dice per class over the cases with a reference).
+(an evaluation of the prompted model on held-out cases). Writes ``<out>/<case>_pred.nii.gz`` and
+``<case>_overlays.png`` per case (never over an input file) and ``<out>/segment.json`` (per case: files,
+voxels and Dice per class, or the error that stopped it; the mean Dice per class over the cases whose
+reference holds the class). A case that fails is recorded and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from ..data.volumes import find_volume_pairs
 from .run_spec import load_run
 from .segment3d import segment_file
 
-__all__ = ["Case", "build_parser", "main", "resolve_cases"]
+__all__ = ["OUTPUT_SUFFIXES", "Case", "build_parser", "main", "mean_dice", "resolve_cases"]
+
+OUTPUT_SUFFIXES = ("_pred.nii.gz", "_overlays.png")  # not "_seg": a label tag of find_volume_pairs' flat layout
 
 
 @dataclass
@@ -120,42 +123,69 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, log: Callab
     out = Path(args.out) if args.out else Path(args.run) / "segment"
     try:
         cases = resolve_cases(args.image, args.prompt_label, args.box, args.reference, args.data_dir)
+        stems = _stems(cases)
+        _check_outputs(cases, [out / f"{stem}{suffix}" for stem in stems for suffix in OUTPUT_SUFFIXES])
+        out.mkdir(parents=True, exist_ok=True)
         model, spec = load_run(args.run, args.checkpoint, device)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
-    out.mkdir(parents=True, exist_ok=True)
     several = len(cases) > 1
     progress = not args.no_progress
-    iterator = list(zip(cases, _stems(cases)))
+    iterator = list(zip(cases, stems))
     if several and progress:
         iterator = require("tqdm.auto", "progress bars").tqdm(iterator, desc="segment", unit="case")
     records = []
     for case, stem in iterator:
+        record = {"image": case.image, "prompt_label": case.prompt_label, "boxes": case.boxes or None,
+                  "reference": case.reference}
         try:
-            result = segment_file(model, spec, case.image, out / f"{stem}_seg.nii.gz", case.prompt_label, case.boxes,
-                                  case.reference, device, overlays=out / f"{stem}_overlays.png",
+            result = segment_file(model, spec, case.image, out / f"{stem}{OUTPUT_SUFFIXES[0]}", case.prompt_label,
+                                  case.boxes, case.reference, device, overlays=out / f"{stem}{OUTPUT_SUFFIXES[1]}",
                                   progress=progress and not several)
-        except ValueError as err:
-            parser.error(str(err))
-        dice = ("" if result.dice_per_class is None else " | Dice "
-                + ", ".join(f"{k} {v:.3f}" for k, v in result.dice_per_class.items()))
+        except (ValueError, OSError) as err:  # one bad case: recorded, the others still run
+            log(f"[segment] {case.image}: FAILED: {err}")
+            records.append({**record, "error": str(err)})
+            continue
+        shown = {k: "absent" if v is None else f"{v:.3f}" for k, v in (result.dice_per_class or {}).items()}
+        dice = "" if result.dice_per_class is None else " | Dice " + ", ".join(f"{k} {v}" for k, v in shown.items())
         log(f"[segment] {case.image} -> {result.output}: voxels {result.voxels_per_class}{dice} "
             f"| {result.seconds:.1f} s on {device}")
-        records.append({"image": case.image, "prompt_label": case.prompt_label, "boxes": case.boxes or None,
-                        "reference": case.reference, "output": str(result.output),
+        records.append({**record, "output": str(result.output),
                         "overlays": None if result.overlays is None else str(result.overlays),
                         "voxels_per_class": result.voxels_per_class, "dice_per_class": result.dice_per_class,
                         "seconds": round(result.seconds, 2)})
-    scored = [r["dice_per_class"] for r in records if r["dice_per_class"] is not None]
-    mean = {name: sum(d[name] for d in scored) / len(scored) for name in spec.class_names} if scored else None
+    mean = mean_dice(records, spec.class_names)
+    failed = [r["image"] for r in records if "error" in r]
     summary = {"run": args.run, "job": spec.job, "prompt": spec.prompt, "classes": dict(zip(spec.class_names,
-               spec.classes)), "device": device, "mean_dice_per_class": mean, "cases": records}
+               spec.classes)), "device": device, "mean_dice_per_class": mean, "failed": failed, "cases": records}
     atomic_write_text(out / "segment.json", json.dumps(summary, indent=2) + "\n")
     if mean is not None and several:
-        log(f"[segment] {len(scored)} case(s) with a reference: mean Dice "
-            + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()))
-    return 0
+        log("[segment] mean Dice over the cases whose reference has the class: "
+            + ", ".join(f"{k} {'absent' if v is None else f'{v:.3f}'}" for k, v in mean.items()))
+    if failed:
+        log(f"[segment] {len(failed)} of {len(cases)} case(s) failed (see segment.json): {failed}")
+    return 1 if failed else 0
 
+
+def mean_dice(records: Sequence[dict], class_names: Sequence[str]) -> dict[str, float | None] | None:
+    """Mean Dice per class over the cases that have one for it (a reference holding the class); None when no
+    case has a reference."""
+    scored = [r["dice_per_class"] for r in records if r.get("dice_per_class") is not None]
+    if not scored:
+        return None
+    mean: dict[str, float | None] = {}
+    for name in class_names:
+        values = [d[name] for d in scored if d.get(name) is not None]
+        mean[name] = sum(values) / len(values) if values else None
+    return mean
+
+
+def _check_outputs(cases: Sequence[Case], outputs: Sequence[Path]) -> None:
+    """Refuse outputs that would overwrite an input (e.g. ``--out`` set to the cases' own folder)."""
+    inputs = {Path(p).resolve() for c in cases for p in (c.image, c.prompt_label, c.reference) if p is not None}
+    clash = sorted(str(o) for o in outputs if o.resolve() in inputs)
+    if clash:
+        raise ValueError(f"the outputs {clash} would overwrite input files: choose another --out")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -125,3 +125,26 @@ def test_interior_points_take_the_deepest_pixel_nearest_the_centre():
     single = torch.zeros(1, 4, 4, dtype=torch.bool)
     single[0, 3, 0] = True
     assert interior_points(single)[0].tolist() == [[0.0, 3.0]]
+
+
+def test_interior_points_are_the_same_with_and_without_scipy(monkeypatch):
+    import builtins
+
+    from medadapt.data.prompts import interior_points
+
+    torch.manual_seed(0)
+    blobs = torch.nn.functional.max_pool2d(torch.rand(6, 1, 23, 19), 5, stride=1, padding=2)[:, 0] > 0.9
+    blobs[5] = False  # an absent mask
+    with_scipy = interior_points(blobs)
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    without = interior_points(blobs)
+    assert torch.equal(with_scipy[0], without[0]) and torch.equal(with_scipy[1], without[1])
+    x, y = with_scipy[0][:5].long().unbind(-1)
+    assert blobs[torch.arange(5), y, x].all()

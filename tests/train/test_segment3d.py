@@ -13,7 +13,7 @@ from medadapt.cli import main as cli_main
 from medadapt.train.run_spec import JOB_FILE, RunSpec, load_run, read_run_spec
 from medadapt.train.segment3d import box_prompt_map, predict_label_map, segment_file, slab_starts
 from medadapt.train.segment_job import main as main_segment
-from medadapt.train.segment_job import resolve_cases
+from medadapt.train.segment_job import mean_dice, resolve_cases
 
 nib = pytest.importorskip("nibabel")  # a bare GPU machine may lack the extras: skip, not a collection error
 pytest.importorskip("monai")
@@ -90,7 +90,7 @@ def test_a_prompt_label_on_another_grid_and_the_reference_dice(tmp_path):
     result = segment_file(BoxEcho(), _spec(), tmp_path / "img.nii.gz", tmp_path / "seg.nii", tmp_path / "lab.nii.gz",
                           reference=tmp_path / "ref.nii.gz")
     np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "seg.nii")).dataobj), truth)
-    assert result.dice_per_class == {"a": 1.0, "b": 1.0}  # class a: absent from both
+    assert result.dice_per_class == {"a": None, "b": 1.0}  # class a: not in the reference, no score
 
 
 def test_classes_without_a_prompt_in_a_slice_are_not_predicted_there():
@@ -126,6 +126,13 @@ def test_run_spec_round_trip_and_refusals(tmp_path):
     (tmp_path / JOB_FILE).write_text(json.dumps({**record, "prompt": "scribble"}))
     with pytest.raises(ValueError, match="prompt must be 'box' or 'point'"):
         read_run_spec(tmp_path)
+    for bad, match in ((dict(volume_options=None), "volume_options must be a JSON object"),
+                       (dict(volume_options={"colour": 1}), "volume_options must be a dict with keys among"),
+                       (dict(quarter_turns=1.5), "quarter_turns must be an integer"),
+                       (dict(format_version="x"), "format_version must be an integer")):
+        (tmp_path / JOB_FILE).write_text(json.dumps({**record, **bad}))
+        with pytest.raises(ValueError, match=match):
+            read_run_spec(tmp_path)
 
 
 @pytest.mark.slow
@@ -141,7 +148,7 @@ def test_train_then_segment_from_the_command_line(tmp_path, prompt):
     assert (spec.prompt, spec.classes, spec.depth, spec.arch) == (prompt, [1, 2], 2, "tiny")
     assert cli_main(["segment", "--run", str(run), "--image", image, "--prompt-label", label, "--reference", label,
                      "--out", str(tmp_path / "seg"), "--no-progress"]) == 0
-    written = nib.load(str(tmp_path / "seg" / "case_seg.nii.gz"))
+    written = nib.load(str(tmp_path / "seg" / "case_pred.nii.gz"))
     assert written.shape == nib.load(image).shape and set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
     record = json.loads((tmp_path / "seg" / "segment.json").read_text())
     assert set(record["cases"][0]["dice_per_class"]) == {"class_1", "class_2"} and record["prompt"] == prompt
@@ -169,12 +176,13 @@ def test_a_folder_of_cases_gives_dice_per_case_and_their_mean(tmp_path):
     assert main_segment(["--run", str(tmp_path / "run"), "--data-dir", str(tmp_path / "cases"), "--no-progress"],
                         log=lines.append) == 0
     record = json.loads((tmp_path / "run" / "segment" / "segment.json").read_text())
-    assert [Path(c["output"]).name for c in record["cases"]] == ["a_seg.nii.gz", "b_seg.nii.gz"]
+    assert [Path(c["output"]).name for c in record["cases"]] == ["a_pred.nii.gz", "b_pred.nii.gz"]
     for name in ("a", "b"):
-        np.testing.assert_allclose(nib.load(str(tmp_path / "run" / "segment" / f"{name}_seg.nii.gz")).affine, np.eye(4))
+        written = nib.load(str(tmp_path / "run" / "segment" / f"{name}_pred.nii.gz"))
+        np.testing.assert_allclose(written.affine, np.eye(4))
     per_case = [c["dice_per_class"]["a"] for c in record["cases"]]
     assert record["mean_dice_per_class"]["a"] == pytest.approx(sum(per_case) / 2)
-    assert lines[-1].startswith("[segment] 2 case(s) with a reference: mean Dice a ")
+    assert lines[-1].startswith("[segment] mean Dice over the cases whose reference has the class: a ")
 
 
 def test_segment_arguments_that_do_not_pair_up_are_refused(tmp_path):
@@ -253,3 +261,62 @@ def test_segment_on_cuda_agrees_with_cpu(tmp_path):
                               device=device)
         outputs[device] = np.asarray(nib.load(str(result.output)).dataobj)
     assert (outputs["cpu"] == outputs["cuda"]).mean() > 0.995  # TF32 / kernel order may flip a voxel at logit ~0
+
+
+def _untrained_run(folder: Path) -> None:
+    from medadapt.core.config import MedSAConfig
+    from medadapt.core.inject import inject
+    from medadapt.core.io import save_adapter
+    from medadapt.train import build_sam
+    from medadapt.train.run_spec import backbone_fingerprint
+
+    sam = build_sam("tiny", 32, seed=0)
+    spec = _spec(depth=2, backbone_fingerprint=backbone_fingerprint(sam))
+    inject(sam, MedSAConfig(modules_to_save=["mask_decoder"]))
+    save_adapter(sam, folder / "adapter")
+    spec.save(folder)
+
+
+def test_outputs_never_overwrite_inputs_and_a_bad_case_is_recorded(tmp_path):
+    from test_finetune3d import _write_pair
+
+    _untrained_run(tmp_path / "run")
+    cases = tmp_path / "cases"
+    for name in ("a", "b"):
+        _write_pair(cases, slices=6, name=name)
+    prompt = cases / "a_pred.nii.gz"  # a prompt label named like the output `--out cases` would write for a.nii.gz
+    prompt.write_bytes((cases / "a_label.nii.gz").read_bytes())
+    with pytest.raises(SystemExit):
+        main_segment(["--run", str(tmp_path / "run"), "--image", str(cases / "a.nii.gz"), "--prompt-label",
+                      str(prompt), "--out", str(cases), "--no-progress"])
+    assert prompt.read_bytes() == (cases / "a_label.nii.gz").read_bytes()
+    # one case whose prompts hold none of the run's classes: recorded, the other case still written, exit 1
+    empty = np.zeros((20, 22, 6), np.uint8)
+    empty[2, 2, 2] = 7
+    nib.save(nib.Nifti1Image(empty, np.eye(4)), str(tmp_path / "seven.nii.gz"))
+    lines = []
+    code = main_segment(["--run", str(tmp_path / "run"), "--image", str(cases / "a.nii.gz"), "--prompt-label",
+                         str(tmp_path / "seven.nii.gz"), "--image", str(cases / "b.nii.gz"), "--prompt-label",
+                         str(cases / "b_label.nii.gz"), "--out", str(tmp_path / "out"), "--no-progress"],
+                        log=lines.append)
+    record = json.loads((tmp_path / "out" / "segment.json").read_text())
+    assert code == 1 and record["failed"] == [str(cases / "a.nii.gz")] and "error" in record["cases"][0]
+    assert (tmp_path / "out" / "b_pred.nii.gz").exists() and not (tmp_path / "out" / "a_pred.nii.gz").exists()
+    assert "FAILED" in lines[0] and lines[-1].startswith("[segment] 1 of 2 case(s) failed")
+
+
+def test_mean_dice_skips_classes_a_reference_lacks():
+    records = [{"dice_per_class": {"a": 0.5, "b": None}}, {"dice_per_class": {"a": 0.7, "b": 0.2}},
+               {"error": "unreadable"}]
+    assert mean_dice(records, ["a", "b"]) == {"a": pytest.approx(0.6), "b": 0.2}
+    assert mean_dice([{"error": "x"}], ["a"]) is None
+
+
+def test_a_5d_prompt_label_and_a_written_label_header(tmp_path):
+    _image(tmp_path / "img.nii.gz")
+    truth = box_prompt_map(SHAPE, [(2, 4, 4, 2, 12, 9, 8)])
+    nib.save(nib.Nifti1Image(truth[..., None, None].astype(np.uint8), AFFINE), str(tmp_path / "lab.nii.gz"))
+    result = segment_file(BoxEcho(), _spec(), tmp_path / "img.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "lab.nii.gz")
+    written = nib.load(str(result.output))
+    np.testing.assert_array_equal(np.asarray(written.dataobj), truth)
+    assert written.header.get_intent()[0] == "label" and float(written.header["cal_max"]) == 2.0
