@@ -5,7 +5,7 @@
     ma.inject(sam, ma.MedSAConfig(modules_to_save=["mask_decoder"]))
     result = run_finetune(sam, train_set, PromptCollate([2], "box"), eval_batches, "runs/x", ["white_matter"])
     sam, spec = load_run("runs/finetune3d")                 # a job's run folder (job.json + adapter/)
-    segment_file(sam, spec, "case.nii.gz", "case_seg.nii.gz", prompt_label="rough.nii.gz")
+    segment_file(sam, spec, "case.nii.gz", "case_pred.nii.gz", prompt_label="rough.nii.gz")
 
 Pieces: :func:`build_sam` (SAM at a CPU-sized input, checkpoint weights resized), :class:`PromptedSAM`
 (pixel normalisation, batched prompt encoder + mask decoder, masks at the label size),

@@ -1,7 +1,7 @@
 """Apply a fine-tune to a new volume: a label map on the volume's own voxel grid, written as NIfTI.
 
     sam, spec = load_run("runs/finetune3d")
-    segment_file(sam, spec, "case.nii.gz", "case_seg.nii.gz", prompt_label="rough.nii.gz", reference="seg.nii.gz")
+    segment_file(sam, spec, "case.nii.gz", "case_pred.nii.gz", prompt_label="rough.nii.gz", reference="seg.nii.gz")
 
 The run folder's ``job.json`` (:mod:`medadapt.train.run_spec`; written by the 3D job and by the 2D one, whose
 "slabs" are single slices) says how to rebuild the model and how its training volumes were prepared; the new
