@@ -42,16 +42,20 @@ class AdapterWrapper(AdapterModule):
         super().__init__()
         self.base_layer = base_layer
 
+    def _attribute_source(self) -> nn.Module | None:
+        """The module whose attributes this wrapper answers for: the wrapped host module."""
+        return self.__dict__.get("_modules", {}).get("base_layer")
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             # host code reads attributes of the module it owns (e.g. ``blocks[0].attn.num_heads``); reads
             # only: a write lands on the wrapper, as for any module
-            base = self.__dict__.get("_modules", {}).get("base_layer")
-            if base is None:
+            source = self._attribute_source()
+            if source is None:
                 raise
-            return getattr(base, name)
+            return getattr(source, name)
 
     def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters of this wrapper that are not inside ``base_layer``."""

@@ -29,12 +29,9 @@ class ModulesToSaveWrapper(AdapterWrapper):
         module = self.trained if self.adapters_enabled else self.base_layer
         return module(*args, **kwargs)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # host code reads attributes of the module it owns (e.g. ``mask_decoder.num_mask_tokens``)
-            return getattr(self._modules["trained"], name)
+    def _attribute_source(self) -> nn.Module | None:
+        """The trained copy: reads such as ``sam.mask_decoder.transformer`` reach the module that trains."""
+        return self.__dict__.get("_modules", {}).get("trained")
 
 
 def wrap_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:

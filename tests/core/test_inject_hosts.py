@@ -217,3 +217,14 @@ def test_wrapped_host_modules_answer_attribute_reads():
     assert mlp.fc1 is mlp.base_layer.fc1
     with pytest.raises(AttributeError):
         attn.no_such_attribute  # noqa: B018
+
+
+def test_modules_to_save_wrapper_answers_reads_from_the_trained_copy():
+    """What a user edits through ``sam.mask_decoder.<child>`` must be what trains and runs."""
+    from tiny_models import tiny_sam
+
+    sam = tiny_sam()
+    ma.inject(sam, ma.MedSAConfig(modules_to_save=["mask_decoder"]))
+    decoder = sam.mask_decoder
+    assert decoder.transformer is decoder.trained.transformer is not decoder.base_layer.transformer
+    assert decoder.num_mask_tokens == decoder.trained.num_mask_tokens
