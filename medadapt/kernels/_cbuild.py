@@ -43,9 +43,15 @@ def find_compiler() -> list[str] | None:
     """The compiler command: ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``.
 
     ``$CC`` is split like a shell word list (make does the same), so ``CC="ccache gcc"`` or
-    ``CC="gcc -m64"`` work; its first word is resolved on ``PATH``.
+    ``CC="gcc -m64"`` work; its first word is resolved on ``PATH``. A ``$CC`` that does not split (an
+    unbalanced quote) is used as one word: its build then fails and the caller falls back, as for any compiler
+    that does not work.
     """
-    words = shlex.split(os.environ.get("CC", ""))
+    value = os.environ.get("CC", "")
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        words = [value]
     if words:
         return [shutil.which(words[0]) or words[0], *words[1:]]
     for name in ("cc", "gcc", "clang"):

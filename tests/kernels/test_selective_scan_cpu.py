@@ -151,6 +151,14 @@ def test_cc_with_arguments_is_split_into_words(tmp_path, monkeypatch):
     assert lib is not None and hasattr(lib, "scan_fwd_f32"), _cbuild.build_error("scan_cpu_cc_words")
 
 
+def test_cc_that_does_not_split_is_a_failed_build_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", 'gcc "')  # an unbalanced quote
+    monkeypatch.setenv("MEDADAPT_CACHE_DIR", str(tmp_path))
+    source = _cbuild.Path(__file__).parents[2] / "medadapt/kernels/selective_scan/csrc/scan_cpu.c"
+    assert _cbuild.load_library("scan_cpu_bad_cc", str(source)) is None
+    assert _cbuild.build_error("scan_cpu_bad_cc")
+
+
 def test_build_is_cached_and_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDADAPT_CACHE_DIR", str(tmp_path))
     source = _cbuild.Path(__file__).parents[2] / "medadapt/kernels/selective_scan/csrc/scan_cpu.c"
