@@ -19,7 +19,8 @@ def weights_fingerprint(model: Any, samples: int = FINGERPRINT_SAMPLES) -> str:
 
     Other weights (another seed, a fine-tune, a merged LoRA update) differ almost everywhere, so a strided
     sample tells them apart, while hashing every byte would take seconds for a multi-GB model. Two models
-    differing only in values between the samples share a fingerprint.
+    differing only in values between the samples share a fingerprint (the CILMP description cache then
+    shares entries: ``encode_descriptions(..., use_cache=False)`` re-encodes).
     """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():

@@ -78,10 +78,10 @@ def _deepest(masks: torch.Tensor) -> torch.Tensor:
 def interior_points(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The click a user would make: per boolean mask ``(..., H, W)``, the pixel deepest inside it.
 
-    Depth is the chessboard distance to the nearest pixel outside the mask (the slice border counts as
-    outside: ``scipy.ndimage.distance_transform_cdt``, or the same by repeated 3 × 3 erosion without scipy);
-    of the deepest pixels the one nearest their centroid is taken (so a ring gets a point on the ring, not in
-    its hole).
+    Depth is the chessboard distance to the outside, ``depth(p) = min over q outside of max(|p_x − q_x|,
+    |p_y − q_y|)``, the slice border counting as outside (``scipy.ndimage.distance_transform_cdt``, or the
+    same by repeated 3 × 3 erosion without scipy); of the deepest pixels the one nearest their centroid is
+    taken (so a ring gets a point on the ring, not in its hole).
 
     Returns:
         ``(xy (..., 2) float32, present (...) bool)``; absent masks give ``(0, 0)``.

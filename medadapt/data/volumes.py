@@ -20,6 +20,7 @@ label's field of view) when loaded, so image and label voxels pair up by world p
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import warnings
@@ -31,6 +32,7 @@ import numpy as np
 from .._optional import require
 
 __all__ = [
+    "INTENSITY_MODES",
     "NIFTI_SUFFIXES",
     "build_volume_preprocessing",
     "build_volume_transforms",
@@ -38,6 +40,7 @@ __all__ = [
     "find_volume_pairs",
     "load_volume_pairs",
     "pairs_from_arguments",
+    "volume_preprocessing_options",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -176,6 +179,34 @@ def find_volume_pairs(folder: str | os.PathLike, check: bool = True) -> list[dic
         for pair in result:
             check_volume_pair(pair["image"], pair["label"])
     return result
+
+
+INTENSITY_MODES = ("window", "percentile", "minmax")  # or None: intensities as stored
+
+
+def volume_preprocessing_options(**chosen) -> dict:
+    """Every keyword argument of :func:`build_volume_preprocessing` but ``keys``: its defaults updated by
+    ``chosen`` (what a run records, so a later change of a default does not change how its volumes are read).
+
+    Raises:
+        ValueError naming an unknown option or a value :func:`build_volume_preprocessing` refuses.
+    """
+    defaults = {name: p.default for name, p in inspect.signature(build_volume_preprocessing).parameters.items()
+                if name != "keys"}
+    unknown = sorted(set(chosen) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown volume preprocessing options {unknown}; expected some of {sorted(defaults)}")
+    options = {**defaults, **chosen}
+    if options["intensity"] not in (*INTENSITY_MODES, None):
+        raise ValueError(f"intensity must be one of {INTENSITY_MODES} or None, got {options['intensity']!r}")
+    if options["crop_foreground"] not in (None, "image", "label"):
+        raise ValueError(f"crop_foreground must be 'image', 'label' or None, got {options['crop_foreground']!r}")
+    if options["orientation"] is not None and not isinstance(options["orientation"], str):
+        raise ValueError(f"orientation must be axis codes such as 'RAS' or None, got {options['orientation']!r}")
+    for key in ("window", "percentiles", "pixdim"):
+        if isinstance(options[key], list):
+            options[key] = tuple(options[key])
+    return options
 
 
 def build_volume_preprocessing(keys: Sequence[str] = ("image", "label"), pixdim: Sequence[float] | None = None,

@@ -24,7 +24,7 @@ brain (a tie): grey and white matter are interleaved and their boxes nearly coin
 so a box hardly says which class is asked, and a random encoder gives the adapters nothing to steer.
 
 Writes ``<out>/adapter/``, ``job.json`` (what ``medadapt segment --run <out>`` rebuilds the model from:
-:mod:`medadapt.train.segment3d`), ``overlays.png``, ``curves.png``, ``metrics.json`` (adapted run),
+:func:`medadapt.train.run_spec.load_run`), ``overlays.png``, ``curves.png``, ``metrics.json`` (adapted run),
 ``<out>/decoder_only/`` (the same for the comparison run), ``comparison.png`` and ``comparison.json``.
 ``medadapt finetune --3d``, ``examples/finetune_sam3d.py`` and ``torchrun --nproc_per_node N -m
 medadapt.train.finetune3d`` run it (DDP: gloo on CPU, NCCL on GPU).

@@ -22,25 +22,23 @@ from torch import nn
 from .._atomic import atomic_write_text
 from .._fingerprint import weights_fingerprint
 from ..core.io import load_adapter
+from ..data.volumes import volume_preprocessing_options
 from .sam_factory import SAM_GEOMETRIES, build_sam
 
-__all__ = ["JOB_FILE", "RUN_SPEC_VERSION", "VOLUME_OPTION_KEYS", "RunSpec", "backbone_fingerprint", "load_run",
-           "read_run_spec"]
+__all__ = ["JOB_FILE", "RUN_SPEC_VERSION", "RunSpec", "backbone_fingerprint", "load_run", "read_run_spec"]
 
 JOB_FILE = "job.json"
 RUN_SPEC_VERSION = 1
-# keyword arguments of medadapt.data.build_volume_preprocessing that a run may record
-VOLUME_OPTION_KEYS = frozenset({"pixdim", "orientation", "intensity", "window", "percentiles", "crop_foreground",
-                                "margin"})
 
 
 @dataclass
 class RunSpec:
     """How a run's model was built and fed (see the module docstring).
 
-    ``volume_options`` are the keyword arguments of :func:`~medadapt.data.build_volume_preprocessing`
-    (``intensity``/``window``/``pixdim``); slabs are ``depth`` slices along ``axis`` of the preprocessed
-    ``(X, Y, Z)`` volume, turned in-plane by ``quarter_turns`` × 90°.
+    ``volume_options`` are all keyword arguments of :func:`~medadapt.data.build_volume_preprocessing` (the
+    chosen ones and the defaults of the time, :func:`~medadapt.data.volumes.volume_preprocessing_options`);
+    slabs are ``depth`` slices along ``axis`` of the preprocessed ``(X, Y, Z)`` volume, turned in-plane by
+    ``quarter_turns`` × 90°.
     """
 
     arch: str
@@ -73,18 +71,15 @@ class RunSpec:
             raise ValueError(f"axis must be 0, 1 or 2, got {self.axis!r}")
         if not isinstance(self.quarter_turns, int) or isinstance(self.quarter_turns, bool):
             raise ValueError(f"quarter_turns must be an integer, got {self.quarter_turns!r}")
-        if not isinstance(self.volume_options, dict) or set(self.volume_options) - VOLUME_OPTION_KEYS:
-            raise ValueError(f"volume_options must be a dict with keys among {sorted(VOLUME_OPTION_KEYS)}, got "
-                             f"{self.volume_options!r}")
+        if not isinstance(self.volume_options, dict):
+            raise ValueError(f"volume_options must be a dict, got {self.volume_options!r}")
+        self.volume_options = volume_preprocessing_options(**self.volume_options)  # checked, defaults filled in
 
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write ``<run_dir>/job.json`` (atomically); returns its path."""
         path = Path(run_dir) / JOB_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         record = asdict(self)
-        for key in ("window", "pixdim", "percentiles"):
-            if record["volume_options"].get(key) is not None:
-                record["volume_options"][key] = list(record["volume_options"][key])
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
         return path
 
@@ -119,11 +114,7 @@ def read_run_spec(run_dir: str | os.PathLike) -> RunSpec:
     options = record.get("volume_options", {})
     if not isinstance(options, dict):
         raise ValueError(f"{str(path)!r}: volume_options must be a JSON object, got {options!r}")
-    options = dict(options)
-    for key in ("window", "pixdim", "percentiles"):
-        if isinstance(options.get(key), list):
-            options[key] = tuple(options[key])
-    record["volume_options"] = options
+    record["volume_options"] = dict(options)
     try:
         return RunSpec(**record)
     except (TypeError, ValueError) as err:
@@ -131,8 +122,8 @@ def read_run_spec(run_dir: str | os.PathLike) -> RunSpec:
 
 
 def backbone_fingerprint(sam: nn.Module) -> str:
-    """:func:`~medadapt._fingerprint.weights_fingerprint` of SAM's image encoder, prompt encoder and mask
-    decoder as built (before any adapter is injected)."""
+    """:func:`~medadapt._fingerprint.weights_fingerprint` of the whole ``state_dict`` of SAM as built, before
+    any adapter is injected (after injection the wrapped names differ)."""
     return weights_fingerprint(sam)
 
 
@@ -146,13 +137,13 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
             path in ``job.json``); must be the same weights.
 
     Raises:
-        ValueError: no ``job.json``; a checkpoint-trained run without a checkpoint; weights whose fingerprint
+        ValueError: no ``job.json``; a checkpoint file that does not exist; weights whose fingerprint
             differs from the run's (another checkpoint, or a random backbone this torch does not rebuild
             identically); an adapter that does not fit.
     """
     spec = read_run_spec(run_dir)
     checkpoint = checkpoint if checkpoint is not None else spec.checkpoint
-    if spec.checkpoint is not None and checkpoint is not None and not Path(checkpoint).is_file():
+    if checkpoint is not None and not Path(checkpoint).is_file():
         raise ValueError(f"checkpoint {str(checkpoint)!r} of run {str(run_dir)!r} does not exist: pass "
                          "--checkpoint PATH with the same SAM weights")
     sam = build_sam(spec.arch, spec.img_size, checkpoint, seed=spec.seed)

@@ -45,7 +45,7 @@ from ..data.volumes import _nifti_header, _spatial_shape, build_volume_preproces
 from .prompted import PromptedSAM
 from .run_spec import RunSpec
 
-__all__ = ["SegmentResult", "box_prompt_map", "predict_label_map", "segment_file", "slab_starts"]
+__all__ = ["SegmentResult", "box_prompt_map", "class_dice", "predict_label_map", "segment_file", "slab_starts"]
 
 
 @dataclass
@@ -91,6 +91,8 @@ def predict_label_map(model: nn.Module, image: torch.Tensor, prompt_map: torch.T
         image: ``(X, Y, Z)`` float in [0, 1], preprocessed like the run's training volumes.
         prompt_map: ``(X, Y, Z)`` class map the prompts are taken from (values ``spec.classes``).
         spec: the run's :class:`~medadapt.train.run_spec.RunSpec` (depth, classes, prompt, axis, turns).
+        device: where the model runs (the batches go there; the label map is built on the CPU).
+        progress: a tqdm bar over the slabs.
     """
     if image.ndim != 3 or prompt_map.shape != image.shape:
         raise ValueError(f"image must be (X, Y, Z) and prompt_map the same shape, got {tuple(image.shape)} and "
@@ -149,23 +151,29 @@ def box_prompt_map(shape: Sequence[int], boxes: Sequence[Sequence[int]]) -> np.n
     return prompt
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray, value: int) -> float | None:
-    """``2|P ∩ T| / (|P| + |T|)`` for class ``value``; None when the reference lacks the class (as MONAI's
-    ``DiceMetric(ignore_empty=True)`` of the training jobs' held-out Dice, so means skip it)."""
+def class_dice(pred, truth, value: int) -> float | None:
+    """``2|P ∩ T| / (|P| + |T|)`` for class ``value`` of two class maps (numpy or torch); None when the reference
+    ``truth`` lacks the class (as MONAI's ``DiceMetric(ignore_empty=True)`` of the training jobs' held-out
+    Dice), so means skip it."""
     a, b = pred == value, truth == value
     if not b.any():
         return None
     return 2.0 * int((a & b).sum()) / (int(a.sum()) + int(b.sum()))
 
 
-def _load_on_image_grid(path: str, image, role: str) -> np.ndarray:
-    """A class map file as an int array on ``image``'s voxel grid (resampled, nearest, when its grid differs)."""
+def _load_channel_first(path: str, role: str):
+    """``(1, X, Y, Z)`` MetaTensor of a NIfTI file (singleton axes past the third dropped) and its header."""
     transforms = require("monai.transforms", "volume transforms")
     header = _nifti_header(Path(path), role)
     shape = _spatial_shape(header, Path(path), role)
     loaded = transforms.EnsureChannelFirst()(transforms.LoadImage(image_only=True)(path))
-    if loaded.ndim != 4:  # (X, Y, Z, 1, 1) files: drop the singleton axes as for the image
-        loaded = loaded.reshape(1, *shape)
+    return (loaded if loaded.ndim == 4 else loaded.reshape(1, *shape)), header
+
+
+def _load_on_image_grid(path: str, image, role: str) -> np.ndarray:
+    """A class map file as an int array on ``image``'s voxel grid (resampled, nearest, when its grid differs)."""
+    transforms = require("monai.transforms", "volume transforms")
+    loaded, _ = _load_channel_first(path, role)
     if tuple(loaded.shape[1:]) != tuple(image.shape[1:]) or not np.allclose(loaded.affine, image.affine, atol=1e-3):
         loaded = transforms.ResampleToMatch(mode="nearest", padding_mode="zeros")(loaded, img_dst=image)
     data = np.asarray(loaded[0])
@@ -193,10 +201,11 @@ def _save_overlays(path: Path, image: torch.Tensor, label: torch.Tensor, prompt_
     predicted = turn(class_masks(labels[pick], spec.classes))
     outlined = prompt_masks if truth is None else turn(class_masks(truth.movedim(spec.axis, 0)[pick], spec.classes))
     dice = None
-    if truth is not None:
-        inter = (predicted & outlined).flatten(2).sum(-1).double()
-        sizes = predicted.flatten(2).sum(-1).double() + outlined.flatten(2).sum(-1).double()
-        dice = {"prediction": (2 * inter / sizes.clamp(min=1)).where(sizes > 0, 1.0).mean(-1).tolist()}
+    if truth is not None:  # per slice: the mean over the classes its reference holds (as for whole files)
+        slice_truth = truth.movedim(spec.axis, 0)[pick]
+        scores = [[d for v in spec.classes if (d := class_dice(labels[i], slice_truth[j], v)) is not None]
+                  for j, i in enumerate(pick.tolist())]
+        dice = {"prediction": [sum(d) / len(d) if d else float("nan") for d in scores]}
     shown = _slice_prompts(prompt_masks, spec.prompt)
     what = "reference" if truth is not None else "prompt region"
     save_overlays(path, turn(slices[pick]), outlined, {"prediction": predicted}, spec.class_names,
@@ -218,7 +227,13 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
         prompt_label: class map the prompts come from (any grid: resampled onto the image's).
         boxes: ``(class, x0, y0, z0, x1, y1, z1)`` voxel boxes of the image, used when ``prompt_label`` is None.
         reference: class map to compute the Dice per class against (any grid, as ``prompt_label``).
+        device: where the model runs.
         overlays: PNG path for a few slices (None: none).
+        progress: a tqdm bar over the slabs.
+
+    Returns:
+        :class:`SegmentResult`: the written file, voxels and Dice per class (None without a reference; a class
+        the reference lacks scores None), seconds, the overlay path.
 
     Raises:
         ValueError naming the argument: no prompt, or both kinds; an unreadable or non-3D file; a box
@@ -230,11 +245,8 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
     if (prompt_label is None) == (not boxes):
         raise ValueError("give exactly one of prompt_label (a class map) or boxes (CLASS X0 Y0 Z0 X1 Y1 Z1)")
     image_path = os.fspath(image_path)
-    header = _nifti_header(Path(image_path), "image")
-    shape = _spatial_shape(header, Path(image_path), "image")
-    image = transforms.EnsureChannelFirst()(transforms.LoadImage(image_only=True)(image_path))
-    if image.ndim != 4:
-        image = image.reshape(1, *shape)
+    image, header = _load_channel_first(image_path, "image")
+    shape = tuple(image.shape[1:])
     prompt = (_load_on_image_grid(os.fspath(prompt_label), image, "prompt label") if prompt_label is not None
               else box_prompt_map(shape, boxes))
     truth = None if reference is None else _load_on_image_grid(os.fspath(reference), image, "reference")
@@ -251,8 +263,9 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
                          f"{image_path!r}: check the prompt label's values or the boxes")
     ignored = sorted(set(np.unique(prompt).tolist()) - {0, *spec.classes})
     if ignored:
-        warnings.warn(f"prompt values {ignored} of {image_path!r} are not among the run's classes {spec.classes}: "
-                      "they prompt nothing", stacklevel=2)
+        source = f"prompt label {os.fspath(prompt_label)!r}" if prompt_label is not None else "the boxes"
+        warnings.warn(f"values {ignored} of {source} are not among the run's classes {spec.classes}: they prompt "
+                      "nothing", stacklevel=2)
     is_sam = hasattr(model, "image_encoder") and hasattr(model, "mask_decoder")
     prompted = PromptedSAM(model) if is_sam else model
     label = predict_label_map(prompted.eval(), pre_image, pre_prompt, spec, device, progress)
@@ -278,7 +291,7 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
     voxels = {name: int((result == value).sum()) for name, value in zip(spec.class_names, spec.classes)}
     dice = None
     if truth is not None:
-        dice = {name: _dice(result, truth, value) for name, value in zip(spec.class_names, spec.classes)}
+        dice = {name: class_dice(result, truth, value) for name, value in zip(spec.class_names, spec.classes)}
     if overlays is not None:
         pre_truth = None if truth is None else torch.round(data["reference"][0].as_tensor()).long()
         _save_overlays(Path(overlays), pre_image, label, pre_prompt, pre_truth, spec)

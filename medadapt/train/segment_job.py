@@ -11,7 +11,8 @@ folder (:func:`~medadapt.data.find_volume_pairs`), each label being the prompt s
 (an evaluation of the prompted model on held-out cases). Writes ``<out>/<case>_pred.nii.gz`` and
 ``<case>_overlays.png`` per case (never over an input file) and ``<out>/segment.json`` (per case: files,
 voxels and Dice per class, or the error that stopped it; the mean Dice per class over the cases whose
-reference holds the class). A case that fails is recorded and the others still run; the exit status is then 1.
+reference holds the class). A case that fails (bad input, out of memory, ...) is recorded with its error and the
+others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import torch
 
 from .._atomic import atomic_write_text
 from .._optional import require
-from ..data.volumes import find_volume_pairs
+from ..data.volumes import _stem, find_volume_pairs
 from .run_spec import load_run
 from .segment3d import segment_file
 
-__all__ = ["OUTPUT_SUFFIXES", "Case", "build_parser", "main", "mean_dice", "resolve_cases"]
+__all__ = ["OVERLAY_SUFFIX", "PRED_SUFFIX", "Case", "build_parser", "main", "mean_dice", "resolve_cases"]
 
-OUTPUT_SUFFIXES = ("_pred.nii.gz", "_overlays.png")  # not "_seg": a label tag of find_volume_pairs' flat layout
+PRED_SUFFIX = "_pred.nii.gz"  # not "_seg": a label tag of find_volume_pairs' flat layout
+OVERLAY_SUFFIX = "_overlays.png"
 
 
 @dataclass
@@ -105,11 +107,7 @@ def resolve_cases(images: Sequence[str] = (), prompt_labels: Sequence[str] = (),
 
 def _stems(cases: Sequence[Case]) -> list[str]:
     """Output name per case: the image's name without ``.nii(.gz)``, numbered when names repeat."""
-    def stem(path: str) -> str:
-        name = Path(path).name
-        return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-
-    names = [stem(c.image) for c in cases]
+    names = [_stem(Path(c.image)) for c in cases]
     if len(set(names)) < len(names):
         names = [f"{k:03d}_{n}" for k, n in enumerate(names)]
     return names
@@ -124,7 +122,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, log: Callab
     try:
         cases = resolve_cases(args.image, args.prompt_label, args.box, args.reference, args.data_dir)
         stems = _stems(cases)
-        _check_outputs(cases, [out / f"{stem}{suffix}" for stem in stems for suffix in OUTPUT_SUFFIXES])
+        _check_outputs(cases, [out / f"{stem}{suffix}" for stem in stems for suffix in (PRED_SUFFIX, OVERLAY_SUFFIX)],
+                       out, args.data_dir)
         out.mkdir(parents=True, exist_ok=True)
         model, spec = load_run(args.run, args.checkpoint, device)
     except (ValueError, OSError) as err:
@@ -139,10 +138,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, log: Callab
         record = {"image": case.image, "prompt_label": case.prompt_label, "boxes": case.boxes or None,
                   "reference": case.reference}
         try:
-            result = segment_file(model, spec, case.image, out / f"{stem}{OUTPUT_SUFFIXES[0]}", case.prompt_label,
-                                  case.boxes, case.reference, device, overlays=out / f"{stem}{OUTPUT_SUFFIXES[1]}",
+            result = segment_file(model, spec, case.image, out / f"{stem}{PRED_SUFFIX}", case.prompt_label,
+                                  case.boxes, case.reference, device, overlays=out / f"{stem}{OVERLAY_SUFFIX}",
                                   progress=progress and not several)
-        except (ValueError, OSError) as err:  # one bad case: recorded, the others still run
+        except Exception as err:  # noqa: BLE001 (one bad case, even out of memory: recorded, the others still run)
             log(f"[segment] {case.image}: FAILED: {err}")
             records.append({**record, "error": str(err)})
             continue
@@ -180,12 +179,15 @@ def mean_dice(records: Sequence[dict], class_names: Sequence[str]) -> dict[str, 
     return mean
 
 
-def _check_outputs(cases: Sequence[Case], outputs: Sequence[Path]) -> None:
-    """Refuse outputs that would overwrite an input (e.g. ``--out`` set to the cases' own folder)."""
+def _check_outputs(cases: Sequence[Case], outputs: Sequence[Path], out: Path, data_dir: str | None) -> None:
+    """Refuse outputs that would overwrite an input, and ``--out`` inside ``--data-dir`` (the predictions would
+    read as unlabelled images there next time)."""
     inputs = {Path(p).resolve() for c in cases for p in (c.image, c.prompt_label, c.reference) if p is not None}
     clash = sorted(str(o) for o in outputs if o.resolve() in inputs)
     if clash:
         raise ValueError(f"the outputs {clash} would overwrite input files: choose another --out")
+    if data_dir is not None and out.resolve().is_relative_to(Path(data_dir).resolve()):
+        raise ValueError(f"--out {str(out)!r} lies in --data-dir {data_dir!r}: choose a folder outside it")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -114,6 +114,8 @@ def test_run_spec_round_trip_and_refusals(tmp_path):
     spec = _spec(volume_options={"intensity": "window", "window": (-175.0, 250.0), "pixdim": (1.0, 1.0, 2.0)})
     spec.save(tmp_path)
     assert read_run_spec(tmp_path) == spec
+    # every preprocessing option is recorded, the defaults of the time included
+    assert spec.volume_options["orientation"] == "RAS" and spec.volume_options["crop_foreground"] == "image"
     record = json.loads((tmp_path / JOB_FILE).read_text())
     with pytest.raises(ValueError, match="has no job.json"):
         read_run_spec(tmp_path / "elsewhere")
@@ -127,7 +129,8 @@ def test_run_spec_round_trip_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="prompt must be 'box' or 'point'"):
         read_run_spec(tmp_path)
     for bad, match in ((dict(volume_options=None), "volume_options must be a JSON object"),
-                       (dict(volume_options={"colour": 1}), "volume_options must be a dict with keys among"),
+                       (dict(volume_options={"colour": 1}), "unknown volume preprocessing options"),
+                       (dict(volume_options={"intensity": "banana"}), "intensity must be one of"),
                        (dict(quarter_turns=1.5), "quarter_turns must be an integer"),
                        (dict(format_version="x"), "format_version must be an integer")):
         (tmp_path / JOB_FILE).write_text(json.dumps({**record, **bad}))
@@ -152,7 +155,6 @@ def test_train_then_segment_from_the_command_line(tmp_path, prompt):
     assert written.shape == nib.load(image).shape and set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
     record = json.loads((tmp_path / "seg" / "segment.json").read_text())
     assert set(record["cases"][0]["dice_per_class"]) == {"class_1", "class_2"} and record["prompt"] == prompt
-    assert record["mean_dice_per_class"] == record["cases"][0]["dice_per_class"]
     assert (tmp_path / "seg" / "case_overlays.png").stat().st_size > 0
 
 
@@ -303,6 +305,26 @@ def test_outputs_never_overwrite_inputs_and_a_bad_case_is_recorded(tmp_path):
     assert code == 1 and record["failed"] == [str(cases / "a.nii.gz")] and "error" in record["cases"][0]
     assert (tmp_path / "out" / "b_pred.nii.gz").exists() and not (tmp_path / "out" / "a_pred.nii.gz").exists()
     assert "FAILED" in lines[0] and lines[-1].startswith("[segment] 1 of 2 case(s) failed")
+    with pytest.raises(SystemExit):  # predictions inside the data folder would read as unlabelled cases later
+        main_segment(["--run", str(tmp_path / "run"), "--data-dir", str(cases), "--out", str(cases / "pred")])
+
+
+def test_a_case_failing_with_any_error_is_recorded(tmp_path, monkeypatch):
+    from test_finetune3d import _write_pair
+
+    import medadapt.train.segment_job as job
+
+    _untrained_run(tmp_path / "run")
+    image, label = _write_pair(tmp_path / "cases", slices=6)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(job, "segment_file", out_of_memory)
+    assert job.main(["--run", str(tmp_path / "run"), "--image", image, "--prompt-label", label, "--out",
+                     str(tmp_path / "out"), "--no-progress"], log=lambda _: None) == 1
+    record = json.loads((tmp_path / "out" / "segment.json").read_text())
+    assert record["cases"][0]["error"] == "CUDA out of memory" and record["mean_dice_per_class"] is None
 
 
 def test_mean_dice_skips_classes_a_reference_lacks():
