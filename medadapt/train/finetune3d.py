@@ -17,7 +17,7 @@ identical. Same seed, backbone weights, data order, prompts, number of steps and
 step (the adapted run's schedule, also when its time limit stopped it early); the verdict says
 whether the encoder adapters win, and why not when they do not (:mod:`medadapt.train.comparison`).
 
-Measured on 2 CPU cores (random ViT-B, defaults: 128 px, D = 4, 100 steps of 2 slabs): 6.5-7.3 minutes
+Measured on 2 CPU cores (random ViT-B, defaults: 128 px, D = 4, 100 steps of 2 slabs): 6.5-8 minutes
 for both runs (the adapted run stops at ``--max-train-minutes`` 5.5 of training when the machine is
 busy; the comparison run then takes as many steps). Both end answering each class with about the whole
 brain (a tie): grey and white matter are interleaved and their boxes nearly coincide (mean IoU 0.75),
