@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, ctx: DistContext | None = None, log=print) -> 
     classes, names = [label_class], [TISSUE_CLASSES[label_class]]
     # the slices come from the cached RAS NIfTI, min-max scaled, uncropped: the same steps for other volumes
     spec = RunSpec(arch=args.arch, img_size=img_size, depth=1, prompt=args.prompt, classes=classes, class_names=names,
-                   seed=args.seed, checkpoint=None if args.checkpoint is None else os.path.abspath(args.checkpoint),
+                   seed=args.seed, checkpoint=args.checkpoint,
                    backbone_fingerprint=backbone_fingerprint(sam), job="finetune2d",
                    volume_options={"orientation": "RAS", "intensity": "minmax", "crop_foreground": None})
     inject(sam, MedSAConfig(mlp_ratio=args.mlp_ratio, modules_to_save=["mask_decoder"]))

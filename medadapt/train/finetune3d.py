@@ -180,8 +180,7 @@ def _train_arm(arm: str, args: argparse.Namespace, data: VolumeData, eval_batche
                ) -> tuple[nn.Module, FinetuneResult]:
     sam = build_sam(args.arch, img_size, args.checkpoint, seed=args.seed)
     spec = RunSpec(arch=args.arch, img_size=img_size, depth=args.depth, prompt=args.prompt, classes=data.classes,
-                   class_names=data.class_names, seed=args.seed,
-                   checkpoint=None if args.checkpoint is None else os.path.abspath(args.checkpoint),
+                   class_names=data.class_names, seed=args.seed, checkpoint=args.checkpoint,
                    backbone_fingerprint=backbone_fingerprint(sam), volume_options=volume_transform_options(args))
     inject(sam, arm_config(arm, args.depth, args.mlp_ratio))
     sam.to(ctx.device)

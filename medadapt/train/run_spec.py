@@ -71,6 +71,8 @@ class RunSpec:
             raise ValueError(f"axis must be 0, 1 or 2, got {self.axis!r}")
         if not isinstance(self.quarter_turns, int) or isinstance(self.quarter_turns, bool):
             raise ValueError(f"quarter_turns must be an integer, got {self.quarter_turns!r}")
+        if self.checkpoint is not None:  # segmenting from another folder must still find it
+            self.checkpoint = os.path.abspath(self.checkpoint)
         if not isinstance(self.volume_options, dict):
             raise ValueError(f"volume_options must be a dict, got {self.volume_options!r}")
         self.volume_options = volume_preprocessing_options(**self.volume_options)  # checked, defaults filled in

@@ -249,7 +249,9 @@ def segment_file(model: nn.Module, spec: RunSpec, image_path: str | os.PathLike,
     shape = tuple(image.shape[1:])
     prompt = (_load_on_image_grid(os.fspath(prompt_label), image, "prompt label") if prompt_label is not None
               else box_prompt_map(shape, boxes))
-    truth = None if reference is None else _load_on_image_grid(os.fspath(reference), image, "reference")
+    truth = (None if reference is None
+             else prompt if prompt_label is not None and Path(reference).resolve() == Path(prompt_label).resolve()
+             else _load_on_image_grid(os.fspath(reference), image, "reference"))  # one read when they are one file
     data = {"image": image}
     for key, value in (("prompt", prompt), ("reference", truth)):
         if value is not None:
